@@ -1,0 +1,1 @@
+"""The built-in technique plugins; they register through the same hooks as third-party ones."""

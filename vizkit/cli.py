@@ -1,0 +1,156 @@
+"""The ``vizkit`` command: a thin Click layer over :mod:`vizkit.runner`."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import click
+
+from vizkit import __version__, host
+from vizkit.runner import RunOptions, UsageError
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's start-up chatter is not for users
+
+
+def _progress(quiet: bool):
+    """Messages on stderr when a person is watching: not with --quiet or when piped."""
+    if quiet or not sys.stderr.isatty():
+        return lambda message: None
+    return lambda message: click.echo(f"vizkit: {message}", err=True)
+
+
+def _parse_settings(values: tuple[str, ...]) -> dict[str, dict[str, str]]:
+    settings: dict[str, dict[str, str]] = {}
+    for value in values:
+        key, sep, setting = value.partition("=")
+        technique, dot, option = key.partition(".")
+        if not (sep and dot and technique and option):
+            raise click.BadParameter(f"{value!r} is not TECHNIQUE.KEY=VALUE", param_hint="-s")
+        settings.setdefault(technique, {})[option] = setting
+    return settings
+
+
+@click.group()
+@click.version_option(__version__, prog_name="vizkit")
+def main():
+    """See what a convolutional network learned: one static HTML report per run."""
+
+
+@main.command()
+@click.argument("model")
+@click.argument("inputs", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
+@click.option("-t", "--technique", "techniques", multiple=True, help="Technique to run (repeatable); default: all.")
+@click.option("-o", "--outdir", type=click.Path(file_okay=False, path_type=Path), help="Report folder; default: a new one under reports/.")
+@click.option("--preprocess", help="caffe, tf, torch, unit, none or package.module:function; default: the model's.")
+@click.option("-s", "--set", "settings", multiple=True, metavar="TECHNIQUE.KEY=VALUE", help="A technique option (repeatable); see `vizkit techniques`.")
+@click.option("--weights", type=click.Choice(["imagenet", "none"]), default="imagenet", show_default=True, help="Weights of keras.applications models.")
+@click.option("--size", type=click.IntRange(min=8), help="Input size for models with a free (or unknown) input size.")
+@click.option("--labels", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="Class names: a JSON list, or a text file with one per line.")
+@click.option("--save-arrays", is_flag=True, help="Also write arrays.npz with the raw numbers of every picture.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress messages.")
+def run(model, inputs, techniques, outdir, preprocess, settings, weights, size, labels, save_arrays, quiet):
+    """Apply techniques to MODEL for the images INPUTS (files or folders) and write a report.
+
+    MODEL is a .keras or .h5 file, a keras.applications name (vgg16, resnet50,
+    mobilenet_v2, …) or package.module:function returning a model.
+
+    Exit status: 0 all fine, 1 the report was written but an image or technique failed,
+    2 bad arguments (nothing written).
+    """
+    from vizkit.runner import run as run_report
+
+    options = RunOptions(
+        techniques=list(techniques),
+        settings=_parse_settings(settings),
+        preprocess=preprocess,
+        weights=weights,
+        size=size,
+        labels=labels,
+        save_arrays=save_arrays,
+    )
+    try:
+        report, index = run_report(model, list(inputs), options, outdir, progress=_progress(quiet))
+    except UsageError as error:
+        raise click.UsageError(str(error)) from None
+    click.echo(index)
+    sys.exit(1 if report.failed else 0)
+
+
+@main.command()
+@click.argument("model")
+@click.option("--weights", type=click.Choice(["imagenet", "none"]), default="imagenet", show_default=True)
+@click.option("--size", type=click.IntRange(min=8), help="Input size to build a model that was never built.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per layer.")
+def layers(model, weights, size, as_json):
+    """List every layer of MODEL (nested ones by path), with what each technique can use."""
+    from vizkit.graph import ModelGraph
+    from vizkit.models import ModelLoadError, load_model
+
+    try:
+        graph = ModelGraph(load_model(model, weights=weights, size=size).model)
+    except (ModelLoadError, ValueError) as error:
+        raise click.UsageError(str(error)) from None
+    rows = [
+        {
+            "path": info.path,
+            "kind": info.kind,
+            "shape": list(info.shape),
+            "activations": info.spatial and not info.nested_model,
+            "filters": info.conv,
+            "gradcam": info.spatial and not info.nested_model and graph.is_classifier,
+        }
+        for info in graph.layers
+    ]
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    width = max(len(row["path"]) for row in rows)
+    for row in rows:
+        marks = " ".join(name for name in ("activations", "filters", "gradcam") if row[name])
+        shape = "×".join("?" if d is None else str(d) for d in row["shape"])
+        click.echo(f"{row['path']:<{width}}  {row['kind']:<22} {shape:<14} {marks}")
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True)
+def plugins(as_json):
+    """List installed plugins with their version, origin and techniques."""
+    rows = host.describe_plugins(host.plugin_manager())
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    for row in rows:
+        click.echo(f"{row['name']} {row['version']} ({row['origin']}): {', '.join(row['techniques']) or '-'}")
+
+
+@main.command()
+@click.argument("name", required=False)
+def techniques(name):
+    """List techniques, or show the options of technique NAME."""
+    available = host.techniques(host.plugin_manager())
+    try:
+        selected = host.select(available, [name] if name else [])
+    except KeyError as error:
+        raise click.UsageError(str(error.args[0])) from None
+    for registered in selected:
+        technique = registered.technique
+        click.echo(f"{technique.name} ({registered.plugin}): {technique.description}")
+        if name:
+            for option in technique.options:
+                default = "(automatic)" if option.default is None else option.default
+                click.echo(f"  -s {technique.name}.{option.name}=<{option.type.__name__}>  {option.help} [default: {default}]")
+
+
+@main.command()
+@click.option("-o", "--outdir", type=click.Path(file_okay=False, path_type=Path), help="Report folder; default: a new one under reports/.")
+@click.option("-q", "--quiet", is_flag=True)
+def demo(outdir, quiet):
+    """Write a report on vizkit's own demo model and sample images (works offline)."""
+    from vizkit.demo import run_demo
+
+    report, index = run_demo(outdir, progress=_progress(quiet))
+    click.echo(index)
+    sys.exit(1 if report.failed else 0)

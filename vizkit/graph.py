@@ -1,0 +1,204 @@
+"""Every layer of a Keras model, nested models included, addressable by path.
+
+``keras.Model(outer.inputs, inner_layer.output)`` fails when ``inner_layer`` lives in a
+model used as a layer ("not connected to inputs"). ModelGraph instead re-traces the
+whole model once on a fresh input, inlining nested Functional and Sequential models
+layer by layer (same layer objects, so same weights), and records every layer's
+output tensor under its path, e.g. ``mobilenetv2_1.00_224/block_16_project``. Any set
+of those tensors then forms a probe model that runs in one forward pass.
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
+
+import keras
+import numpy as np
+
+from vizkit.technique import suggest
+
+
+class LayerError(KeyError):
+    """A layer name that the model does not have, or that a technique cannot use."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0])
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    path: str
+    kind: str  # the layer's class name
+    shape: tuple  # output shape without the batch axis
+    nested_model: bool
+
+    @property
+    def spatial(self) -> bool:
+        """A feature-map layer (batch, height, width, channels)."""
+        return len(self.shape) == 3
+
+    @property
+    def conv(self) -> bool:
+        return self.spatial and "Conv" in self.kind and not self.nested_model
+
+    @property
+    def pooling(self) -> bool:
+        return self.spatial and "Pooling" in self.kind
+
+
+def _is_graph_model(layer) -> bool:
+    """Models whose inner layers can be traced (subclassed models are opaque)."""
+    return isinstance(layer, keras.Sequential) or (
+        isinstance(layer, keras.Model) and hasattr(layer, "operations")
+    )
+
+
+def _output_layer_names(model) -> list[str]:
+    """Which of ``model``'s layers produce its outputs (read before any re-tracing)."""
+    names = []
+    for tensor in model.outputs:
+        for layer in model.layers:
+            try:
+                if layer.output is tensor:
+                    names.append(layer.name)
+                    break
+            except (AttributeError, ValueError):  # a layer shared across several calls
+                continue
+        else:
+            raise ValueError(f"cannot tell which layer of {model.name} produces its output")
+    return names
+
+
+_GRAPHS: "weakref.WeakKeyDictionary[keras.Model, ModelGraph]" = weakref.WeakKeyDictionary()
+
+
+class ModelGraph:
+    """A built single-input image model with every layer's output reachable by path."""
+
+    @classmethod
+    def of(cls, model) -> "ModelGraph":
+        """``model`` itself if it is a ModelGraph, else the (cached) graph of a keras.Model."""
+        if isinstance(model, ModelGraph):
+            return model
+        if model not in _GRAPHS:
+            _GRAPHS[model] = cls(model)
+        return _GRAPHS[model]
+
+    def __init__(self, model: keras.Model):
+        if len(model.inputs) != 1:
+            raise ValueError(
+                f"{model.name} has {len(model.inputs)} inputs; vizkit needs a model "
+                "with one image input"
+            )
+        shape = tuple(model.inputs[0].shape[1:])
+        if len(shape) != 3 or shape[-1] not in (1, 3):
+            raise ValueError(
+                f"{model.name} takes input of shape {shape}; vizkit needs images as "
+                "(height, width, 1 or 3 channels), channels last"
+            )
+        self.model = model
+        self.input_shape = shape
+        self._input = keras.Input(shape=shape, name="vizkit_input")
+        self._tensors: dict[str, keras.KerasTensor] = {}
+        self._layers: dict[str, keras.Layer] = {}
+        outputs = self._trace(model, self._input, prefix="")
+        if isinstance(outputs, (list, tuple)):
+            outputs = outputs[0]  # several heads: the first is the one explained
+        self._output = outputs
+        self.layers = [
+            LayerInfo(
+                path=path,
+                kind=type(self._layers[path]).__name__,
+                shape=tuple(tensor.shape[1:]),
+                nested_model=_is_graph_model(self._layers[path]),
+            )
+            for path, tensor in self._tensors.items()
+            if not isinstance(tensor, (list, tuple, dict))
+        ]
+        self._by_path = {info.path: info for info in self.layers}
+        self._predictor: keras.Model | None = None
+
+    def _trace(self, model, inputs, prefix: str):
+        def call(layer, *args, **kwargs):
+            path = prefix + layer.name
+            if _is_graph_model(layer):
+                out = self._trace(layer, args[0] if len(args) == 1 else list(args), path + "/")
+            else:
+                out = layer(*args, **kwargs)
+            self._tensors[path] = out
+            self._layers[path] = layer
+            return out
+
+        if isinstance(model, keras.Sequential):
+            x = inputs
+            for layer in model.layers:
+                x = call(layer, x)
+            return x
+        output_names = _output_layer_names(model)
+        keras.models.clone_model(
+            model, input_tensors=inputs, clone_function=lambda layer: layer, call_function=call
+        )
+        outputs = [self._tensors[prefix + name] for name in output_names]
+        return outputs[0] if len(outputs) == 1 else outputs
+
+    # -- looking layers up -------------------------------------------------
+
+    @property
+    def name(self) -> str:
+        return self.model.name
+
+    @property
+    def channels(self) -> int:
+        return int(self.input_shape[-1])
+
+    @property
+    def fixed_size(self) -> tuple[int, int] | None:
+        """(height, width) the model requires, or None where spatial size is free."""
+        height, width = self.input_shape[:2]
+        return None if height is None or width is None else (int(height), int(width))
+
+    @property
+    def output_shape(self) -> tuple:
+        return tuple(self._output.shape[1:])
+
+    @property
+    def is_classifier(self) -> bool:
+        """One score per class: (batch, classes), more than one class."""
+        return len(self.output_shape) == 1 and (self.output_shape[0] or 0) > 1
+
+    def info(self, path: str) -> LayerInfo:
+        return self._by_path[path]
+
+    def resolve(self, name: str, usable=None, purpose: str = "") -> str:
+        """The path of layer ``name`` (a full path, or a layer name unique in the model).
+
+        ``usable(info)`` narrows what is accepted; the error lists valid names, closest first.
+        """
+        candidates = [info for info in self.layers if usable is None or usable(info)]
+        valid = [info.path for info in candidates]
+        if name in valid:
+            return name
+        by_leaf = [path for path in valid if path.rsplit("/", 1)[-1] == name]
+        if len(by_leaf) == 1:
+            return by_leaf[0]
+        if name in self._by_path or by_leaf:
+            problem = f"layer {name!r} cannot be used{purpose}"
+        else:
+            problem = f"{self.name} has no layer {name!r}"
+        raise LayerError(f"{problem}; valid layers: {suggest(name, valid) or '(none)'}")
+
+    # -- running -----------------------------------------------------------
+
+    def probe(self, paths: list[str], with_output: bool = False) -> keras.Model:
+        """A model from the input to the outputs of ``paths`` (and the model's output)."""
+        outputs = [self._tensors[path] for path in paths]
+        if with_output:
+            outputs.append(self._output)
+        return keras.Model(self._input, outputs)
+
+    def predict(self, batch: np.ndarray) -> np.ndarray:
+        """The model's (first) output for a preprocessed batch."""
+        if self._predictor is None:
+            self._predictor = keras.Model(self._input, self._output)
+        return keras.ops.convert_to_numpy(self._predictor(batch, training=False))

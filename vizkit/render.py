@@ -1,0 +1,94 @@
+"""Writing a Report as one self-contained ``index.html``, ``report.json`` and ``arrays.npz``.
+
+Pillow, Jinja2 and NumPy only. Every file is written to a temporary name and renamed,
+so an interrupted run never leaves a half-written report over an earlier one.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import tempfile
+import zipfile
+from importlib import resources
+from pathlib import Path
+
+import jinja2
+import numpy as np
+from PIL import Image
+
+from vizkit.report import Report
+
+#: Pictures narrower than this are scaled up (nearest neighbour) by an integer factor.
+MIN_DISPLAY_WIDTH = 160
+
+
+def png_data_uri(picture: np.ndarray) -> str:
+    """A PNG data URI; Pillow writes no time or text chunks, so equal pixels give equal bytes."""
+    buffer = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(picture)).save(buffer, format="PNG", compress_level=6)
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def display_width(picture: np.ndarray) -> int:
+    width = picture.shape[1]
+    return width * max(1, -(-MIN_DISPLAY_WIDTH // width))
+
+
+def _environment() -> jinja2.Environment:
+    env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(str(resources.files("vizkit.templates"))),
+        autoescape=True,
+        undefined=jinja2.StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
+    env.filters["png"] = png_data_uri
+    env.filters["display_width"] = display_width
+    return env
+
+
+def render_html(report: Report) -> str:
+    env = _environment()
+    css = (resources.files("vizkit.templates") / "report.css").read_text(encoding="utf-8")
+    return env.get_template("report.html").render(report=report, css=css)
+
+
+def _write_atomic(path: Path, write) -> None:
+    handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "wb") as stream:
+            write(stream)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(temp, 0o666 & ~umask)  # mkstemp makes it private; a report is not
+        os.replace(temp, path)
+    except BaseException:
+        Path(temp).unlink(missing_ok=True)
+        raise
+
+
+def _write_npz(stream, arrays: dict[str, np.ndarray]) -> None:
+    """Like ``np.savez_compressed`` with a fixed timestamp on each entry, for byte-stable files."""
+    with zipfile.ZipFile(stream, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+        for key, array in arrays.items():
+            entry = zipfile.ZipInfo(f"{key}.npy", date_time=(1980, 1, 1, 0, 0, 0))
+            entry.compress_type = zipfile.ZIP_DEFLATED
+            buffer = io.BytesIO()
+            np.lib.format.write_array(buffer, np.asarray(array), allow_pickle=False)
+            archive.writestr(entry, buffer.getvalue())
+
+
+def write(report: Report, outdir: Path) -> Path:
+    """Write the report into ``outdir`` (created if needed); returns the path of index.html."""
+    outdir.mkdir(parents=True, exist_ok=True)
+    if report.arrays_saved:
+        _write_atomic(outdir / "arrays.npz", lambda s: _write_npz(s, report.arrays()))
+    data = json.dumps(report.to_json(), indent=2, ensure_ascii=False, allow_nan=False) + "\n"
+    _write_atomic(outdir / "report.json", lambda s: s.write(data.encode("utf-8")))
+    html = render_html(report)
+    index = outdir / "index.html"
+    _write_atomic(index, lambda s: s.write(html.encode("utf-8")))
+    return index

@@ -1,0 +1,274 @@
+"""Apply techniques to a model and images, and write the report: the Python API behind the CLI.
+
+    from vizkit.runner import run
+    report, index = run("model.keras", ["photos/"], techniques=["gradcam"])
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from vizkit import __version__, host, images as image_io, preprocess as preprocessing, render
+from vizkit.report import ArtifactRecord, ImageRecord, Report, TechniqueRecord
+from vizkit.technique import OptionError, RunContext, suggest
+
+#: Predictions kept per image in the report.
+TOP_PREDICTIONS = 5
+
+
+class UsageError(ValueError):
+    """Bad arguments: nothing was run and no report was written."""
+
+
+@dataclass
+class RunOptions:
+    """Everything a run needs besides the model and the images; the CLI fills it from flags."""
+
+    techniques: list[str] = field(default_factory=list)
+    settings: dict[str, dict[str, object]] = field(default_factory=dict)  # technique → key → value
+    preprocess: str | None = None
+    weights: str = "imagenet"
+    size: int | None = None
+    labels: Path | None = None
+    save_arrays: bool = False
+
+
+def reproducible() -> bool:
+    """``SOURCE_DATE_EPOCH`` is set: byte-identical output for identical inputs."""
+    return "SOURCE_DATE_EPOCH" in os.environ
+
+
+def created_at() -> datetime:
+    if reproducible():
+        return datetime.fromtimestamp(int(os.environ["SOURCE_DATE_EPOCH"]), tz=timezone.utc)
+    return datetime.now(tz=timezone.utc).replace(microsecond=0)
+
+
+def default_outdir(model_name: str, base: Path = Path("reports")) -> Path:
+    """``reports/<model>-<time>``, never an existing folder, so no report is overwritten."""
+    stem = f"{model_name}-{created_at().strftime('%Y%m%d-%H%M%S')}"
+    candidate, n = base / stem, 1
+    while candidate.exists():
+        n += 1
+        candidate = base / f"{stem}-{n}"
+    return candidate
+
+
+def plan(options: RunOptions, pm=None):
+    """Resolve techniques and their options before anything heavy loads; UsageError if bad."""
+    pm = pm or host.plugin_manager()
+    available = host.techniques(pm)
+    try:
+        selected = host.select(available, options.techniques)
+    except KeyError as error:
+        raise UsageError(str(error.args[0])) from None
+    chosen = {registered.technique.name for registered in selected}
+    for name in options.settings:
+        if name not in chosen:
+            where = "installed" if name not in available else "selected"
+            raise UsageError(
+                f"-s {name}.…: no technique {name!r} is {where}; "
+                f"{where}: {suggest(name, sorted(chosen if name in available else available))}"
+            )
+    try:
+        params = {
+            r.technique.name: r.technique.resolve_params(options.settings.get(r.technique.name, {}))
+            for r in selected
+        }
+    except OptionError as error:
+        raise UsageError(str(error)) from None
+    try:
+        preprocess = preprocessing.resolve(options.preprocess) if options.preprocess else None
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+    return pm, selected, params, preprocess
+
+
+def read_labels(path: Path) -> list[str]:
+    """Class names from a JSON list or a text file with one name per line."""
+    text = path.read_text(encoding="utf-8")
+    if path.suffix.lower() == ".json":
+        labels = json.loads(text)
+        if not isinstance(labels, list):
+            raise UsageError(f"{path}: expected a JSON list of class names")
+        return [str(label) for label in labels]
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+def top_predictions(scores: np.ndarray, labels: list[str] | None, k: int = TOP_PREDICTIONS) -> list[dict]:
+    order = np.argsort(-scores, kind="stable")[:k]
+    return [
+        {
+            "index": int(i),
+            "label": labels[i] if labels and i < len(labels) else None,
+            "score": round(float(scores[i]), 6),
+        }
+        for i in order
+    ]
+
+
+def run(
+    model: str,
+    inputs: list[str | Path],
+    options: RunOptions | None = None,
+    outdir: Path | None = None,
+    progress: Callable[[str], None] = lambda message: None,
+    pm=None,
+) -> tuple[Report, Path]:
+    """Run the selected techniques and write the report; returns (report, path of index.html).
+
+    Raises UsageError (nothing written) for bad arguments or a model that cannot load.
+    A failing image or technique is recorded in the report instead (``report.failed``).
+    """
+    options = options or RunOptions()
+    pm, selected, params, preprocess = plan(options, pm)
+    labels = read_labels(options.labels) if options.labels else None
+
+    # TensorFlow loads only now, after the arguments were checked.
+    from vizkit.graph import ModelGraph
+    from vizkit.models import ModelLoadError, load_model
+
+    if reproducible():
+        import tensorflow as tf
+
+        tf.config.experimental.enable_op_determinism()
+    progress(f"loading model {model}")
+    try:
+        loaded = load_model(model, weights=options.weights, size=options.size)
+        graph = ModelGraph(loaded.model)
+    except (ModelLoadError, ValueError) as error:
+        raise UsageError(str(error)) from None
+    if preprocess is None:
+        preprocess, preprocess_name, preprocess_reason = (
+            preprocessing.MODES[loaded.preprocess], loaded.preprocess, loaded.preprocess_reason
+        )
+    else:
+        preprocess_name, preprocess_reason = options.preprocess, "chosen with --preprocess"
+    labels = labels or loaded.labels
+
+    files, skipped = image_io.collect([Path(p) for p in inputs])
+    if not files:
+        raise UsageError("no images found in the inputs given")
+    size = graph.fixed_size or ((options.size, options.size) if options.size else None)
+    loaded_images = []
+    for image_id, path in zip(image_io.unique_ids(files), files):
+        progress(f"reading {path}")
+        image = image_io.load(path, image_id, graph.channels, size)
+        if image.error:
+            print(f"vizkit: {path}: {image.error}", file=sys.stderr)
+        loaded_images.append(image)
+    good = [image for image in loaded_images if image.ok]
+
+    if graph.is_classifier and good:
+        for batch_images, batch in RunContext(graph, good, {}, preprocess).batches(16):
+            for image, scores in zip(batch_images, graph.predict(batch)):
+                image.predictions = top_predictions(scores, labels)
+
+    records = []
+    for registered in selected:
+        technique = registered.technique
+        record = TechniqueRecord(
+            technique.name, registered.plugin, technique.description, "ok", params[technique.name]
+        )
+        records.append(record)
+        if not good:
+            record.status, record.error = "skipped", "no image could be read"
+            continue
+        context = RunContext(
+            graph, good, params[technique.name], preprocess, labels,
+            progress=lambda message, name=technique.name: progress(f"{name}: {message}"),
+        )
+        progress(f"{technique.name}: running")
+        started = time.perf_counter()
+        try:
+            artifacts = technique.run(context)
+        except Exception as error:  # a plugin's failure must not cost the rest of the report
+            record.status = "error"
+            record.error = f"{type(error).__name__}: {error}"
+            record.traceback = "".join(traceback.format_exception(error, limit=-8))
+            print(f"vizkit: technique {technique.name} failed: {record.error}", file=sys.stderr)
+            artifacts = []
+        if not reproducible():
+            record.duration_s = round(time.perf_counter() - started, 3)
+        record.notes = context.notes
+        record.artifacts = _artifact_records(technique.name, artifacts)
+
+    report = Report(
+        vizkit_version=__version__,
+        created=created_at().isoformat(),
+        model={
+            "name": loaded.name,
+            "source": loaded.source,
+            "sha256": loaded.sha256,
+            "input_shape": list(graph.input_shape),
+            "output_shape": list(graph.output_shape),
+            "layers": len(graph.layers),
+            "preprocess": preprocess_name,
+            "preprocess_reason": preprocess_reason,
+            "labels": f"{len(labels)} class names" if labels else None,
+        },
+        images=[
+            ImageRecord(
+                id=image.id,
+                path=str(image.path),
+                sha256=image.sha256,
+                status="ok" if image.ok else "error",
+                error=image.error,
+                warnings=image.warnings,
+                predictions=image.predictions,
+                picture=image.display,
+            )
+            for image in loaded_images
+        ],
+        techniques=records,
+        skipped_files=[str(path) for path in skipped],
+        environment=environment(),
+        plugins=host.describe_plugins(pm),
+        arrays_saved=options.save_arrays,
+    )
+    outdir = outdir or default_outdir(loaded.name)
+    progress(f"writing {outdir}")
+    return report, render.write(report, outdir)
+
+
+def _artifact_records(technique: str, artifacts) -> list[ArtifactRecord]:
+    records, keys = [], set()
+    for artifact in artifacts:
+        key = "/".join(part for part in (technique, artifact.image_id, artifact.layer) if part)
+        unique, n = key, 1
+        while unique in keys:
+            n += 1
+            unique = f"{key}#{n}"
+        keys.add(unique)
+        records.append(
+            ArtifactRecord(
+                artifact.title, artifact.picture, artifact.array, artifact.image_id,
+                artifact.layer, artifact.caption, unique,
+            )
+        )
+    return records
+
+
+def environment() -> dict[str, str]:
+    """Versions that change the numbers; no host names or paths, so reports stay comparable."""
+    import keras
+    import tensorflow as tf
+
+    return {
+        "python": platform.python_version(),
+        "tensorflow": tf.__version__,
+        "keras": keras.__version__,
+        "numpy": np.__version__,
+        "platform": f"{platform.system()} {platform.machine()}",
+    }

@@ -1,0 +1,135 @@
+"""What a technique plugin registers and returns: plain data, no TensorFlow, no HTML."""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+
+
+class OptionError(ValueError):
+    """A technique option has an unknown name or a value of the wrong kind."""
+
+
+def suggest(name: str, valid: Sequence[str]) -> str:
+    """``valid`` as a comma list, the closest matches to ``name`` first."""
+    close = difflib.get_close_matches(name, valid, n=len(valid), cutoff=0.0)
+    return ", ".join(close or valid)
+
+
+@dataclass(frozen=True)
+class Option:
+    """One typed technique option, set with ``-s TECHNIQUE.NAME=VALUE``.
+
+    ``type`` is ``int``, ``float``, ``str``, ``bool`` or ``list`` (a comma list of strings).
+    A default of ``None`` means "the technique decides" (for example from the model).
+    """
+
+    name: str
+    type: type
+    default: Any
+    help: str
+    choices: tuple[Any, ...] | None = None
+    minimum: float | None = None
+
+    def parse(self, technique: str, raw: Any) -> Any:
+        where = f"{technique}.{self.name}"
+        try:
+            value = self._convert(raw)
+        except ValueError:
+            raise OptionError(
+                f"{where}: {raw!r} is not a valid {self.type.__name__}"
+            ) from None
+        if self.choices is not None and value not in self.choices:
+            allowed = ", ".join(map(str, self.choices))
+            raise OptionError(f"{where}: {raw!r} is not one of {allowed}")
+        if self.minimum is not None and value < self.minimum:
+            raise OptionError(f"{where}: {raw!r} is below the minimum {self.minimum:g}")
+        return value
+
+    def _convert(self, raw: Any) -> Any:
+        if not isinstance(raw, str):
+            return list(raw) if self.type is list else self.type(raw)
+        if self.type is list:
+            return [item.strip() for item in raw.split(",") if item.strip()]
+        if self.type is bool:
+            lowered = raw.strip().lower()
+            if lowered not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
+                raise ValueError(raw)
+            return lowered in ("1", "true", "yes", "on")
+        return self.type(raw.strip())
+
+
+@dataclass(frozen=True)
+class Artifact:
+    """One picture of a technique's result, with the raw numbers behind it.
+
+    ``array`` holds what notebooks and CI diffs use (see each technique's docs);
+    ``picture`` is the uint8 image (H×W or H×W×3, RGB) shown in the report.
+    """
+
+    title: str
+    array: np.ndarray
+    picture: np.ndarray
+    image_id: str | None = None
+    layer: str | None = None
+    caption: str = ""
+
+
+@dataclass
+class RunContext:
+    """What a technique gets: the model, the decoded images, its validated options.
+
+    ``model`` is a :class:`vizkit.graph.ModelGraph`; each of ``images`` is a
+    :class:`vizkit.images.LoadedImage` that decoded fine, with ``predictions`` filled in
+    for classifiers. ``preprocess`` maps 0-255 pixels to the model's input space.
+    """
+
+    model: Any
+    images: list
+    params: dict[str, Any]
+    preprocess: Callable[[Any], Any] = lambda x: x
+    labels: list[str] | None = None
+    progress: Callable[[str], None] = lambda message: None
+    notes: list[str] = field(default_factory=list)
+
+    def note(self, message: str) -> None:
+        """Tell the reader something about this run (shown in the technique's section)."""
+        self.notes.append(message)
+
+    def batches(self, size: int) -> Iterator[tuple[list, np.ndarray]]:
+        """(images, preprocessed batch) for runs of up to ``size`` images of equal shape."""
+        group: list = []
+        for image in self.images:
+            if group and (len(group) == size or image.array.shape != group[0].array.shape):
+                yield group, self.preprocess(np.stack([g.array for g in group]))
+                group = []
+            group.append(image)
+        if group:
+            yield group, self.preprocess(np.stack([g.array for g in group]))
+
+
+@dataclass(frozen=True)
+class Technique:
+    """A visualization technique: a name, a ``run(context) -> list[Artifact]``, options."""
+
+    name: str
+    run: Callable[[RunContext], list[Artifact]]
+    description: str
+    options: tuple[Option, ...] = ()
+
+    def resolve_params(self, raw: dict[str, Any]) -> dict[str, Any]:
+        """Defaults overlaid with ``raw`` (strings from the CLI or typed values), validated."""
+        by_name = {option.name: option for option in self.options}
+        unknown = [key for key in raw if key not in by_name]
+        if unknown:
+            valid = suggest(unknown[0], list(by_name)) or "(none)"
+            raise OptionError(
+                f"{self.name} has no option {unknown[0]!r}; its options are: {valid}"
+            )
+        params = {option.name: option.default for option in self.options}
+        for key, value in raw.items():
+            params[key] = by_name[key].parse(self.name, value)
+        return params
