@@ -82,6 +82,10 @@ def filter_patterns(
     indices = list(range(min(filters, channels_out))) if isinstance(filters, int) else list(filters)
     if start is None:
         start = initial_inputs(len(indices), size, graph.channels, seed)
+    if graph.fixed_size not in (None, (size, size)):
+        fixed, graph = graph.fixed_size, graph.free_size()
+        if path not in graph:
+            raise ValueError(f"{path} works only at the model's input size {fixed}; set size to that")
     ascend = _ascent(graph.probe([path]), preprocess, steps, step)
     optimized = []
     for begin in range(0, len(indices), batch):
@@ -104,9 +108,6 @@ def run(context: RunContext) -> list[Artifact]:
     if not paths:
         raise ValueError("the model has no convolution layers")
     size = params["size"]
-    if graph.fixed_size and graph.fixed_size != (size, size):
-        size = graph.fixed_size[0]
-        context.note(f"size: {size}, the model's fixed input size")
     artifacts = []
     for path in paths:
         patterns, _ = filter_patterns(

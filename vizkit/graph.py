@@ -85,7 +85,7 @@ class ModelGraph:
             _GRAPHS[model] = cls(model)
         return _GRAPHS[model]
 
-    def __init__(self, model: keras.Model):
+    def __init__(self, model: keras.Model, free_size: bool = False):
         if len(model.inputs) != 1:
             raise ValueError(
                 f"{model.name} has {len(model.inputs)} inputs; vizkit needs a model "
@@ -98,14 +98,20 @@ class ModelGraph:
                 "(height, width, 1 or 3 channels), channels last"
             )
         self.model = model
-        self.input_shape = shape
-        self._input = keras.Input(shape=shape, name="vizkit_input")
+        self.input_shape = (None, None, shape[-1]) if free_size else shape
+        self._input = keras.Input(shape=self.input_shape, name="vizkit_input")
         self._tensors: dict[str, keras.KerasTensor] = {}
         self._layers: dict[str, keras.Layer] = {}
-        outputs = self._trace(model, self._input, prefix="")
-        if isinstance(outputs, (list, tuple)):
-            outputs = outputs[0]  # several heads: the first is the one explained
-        self._output = outputs
+        self._output = None
+        try:
+            outputs = self._trace(model, self._input, prefix="")
+            # several heads: the first is the one explained
+            self._output = outputs[0] if isinstance(outputs, (list, tuple)) else outputs
+        except Exception:
+            if not free_size:
+                raise
+            # Layers after the feature extractor (Flatten → Dense) need the fixed size;
+            # everything traced before them is what a free-size graph is for.
         self.layers = [
             LayerInfo(
                 path=path,
@@ -118,6 +124,17 @@ class ModelGraph:
         ]
         self._by_path = {info.path: info for info in self.layers}
         self._predictor: keras.Model | None = None
+        self._free: ModelGraph | None = self if free_size else None
+
+    def free_size(self) -> "ModelGraph":
+        """The same model traced for any input height and width, as far as its layers allow.
+
+        Lets filter patterns use the chapter's 150×150 on a model built for 224×224:
+        convolution layers do not care, and the layers that do come after them.
+        """
+        if self._free is None:
+            self._free = ModelGraph(self.model, free_size=True)
+        return self._free
 
     def _trace(self, model, inputs, prefix: str):
         def call(layer, *args, **kwargs):
@@ -166,6 +183,9 @@ class ModelGraph:
     def is_classifier(self) -> bool:
         """One score per class: (batch, classes), more than one class."""
         return len(self.output_shape) == 1 and (self.output_shape[0] or 0) > 1
+
+    def __contains__(self, path: str) -> bool:
+        return path in self._by_path
 
     def info(self, path: str) -> LayerInfo:
         return self._by_path[path]

@@ -1,0 +1,75 @@
+"""Shared fixtures: real tiny Keras models and real image files (no mocks of TensorFlow)."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import keras
+import numpy as np
+import pytest
+from PIL import Image
+
+
+def build_tiny(size: int = 32, classes: int = 4, name: str = "tiny") -> keras.Model:
+    """conv1 → pool1 → conv2 → GAP → softmax: every technique has a layer to work on."""
+    keras.utils.set_random_seed(1)
+    inputs = keras.Input((size, size, 3), name="image")
+    x = keras.layers.Conv2D(8, 3, activation="relu", padding="same", name="conv1")(inputs)
+    x = keras.layers.MaxPooling2D(name="pool1")(x)
+    x = keras.layers.Conv2D(16, 3, activation="relu", padding="same", name="conv2")(x)
+    x = keras.layers.GlobalAveragePooling2D(name="gap")(x)
+    outputs = keras.layers.Dense(classes, activation="softmax", name="predictions")(x)
+    return keras.Model(inputs, outputs, name=name)
+
+
+def build_nested(size: int = 32, classes: int = 3) -> keras.Model:
+    """The transfer-learning shape: a whole base model used as one layer of an outer model."""
+    keras.utils.set_random_seed(2)
+    base_in = keras.Input((size, size, 3))
+    y = keras.layers.Conv2D(8, 3, activation="relu", padding="same", name="base_conv1")(base_in)
+    y = keras.layers.Conv2D(8, 3, activation="relu", padding="same", name="base_conv2")(y)
+    base = keras.Model(base_in, y, name="base")
+    inputs = keras.Input((size, size, 3))
+    x = keras.layers.Rescaling(1 / 127.5, offset=-1, name="rescale")(inputs)
+    x = base(x)
+    x = keras.layers.GlobalAveragePooling2D(name="gap")(x)
+    outputs = keras.layers.Dense(classes, activation="softmax", name="head")(x)
+    return keras.Model(inputs, outputs, name="outer")
+
+
+@pytest.fixture
+def tiny_model() -> keras.Model:
+    return build_tiny()
+
+
+@pytest.fixture
+def nested_model() -> keras.Model:
+    return build_nested()
+
+
+@pytest.fixture
+def tiny_model_file(tmp_path, tiny_model):
+    path = tmp_path / "tiny.keras"
+    tiny_model.save(path)
+    return path
+
+
+def write_image(path, size=(40, 48), mode="RGB", seed=0, **save_args):
+    """A real image file with random (seeded) content; ``size`` is (width, height)."""
+    rng = np.random.default_rng(seed)
+    channels = {"RGB": 3, "RGBA": 4, "L": 1}[mode]
+    pixels = rng.integers(0, 256, (size[1], size[0], channels), dtype=np.uint8)
+    Image.fromarray(pixels.squeeze(-1) if channels == 1 else pixels, mode).save(path, **save_args)
+    return path
+
+
+@pytest.fixture
+def image_dir(tmp_path):
+    """A folder with two decodable images."""
+    folder = tmp_path / "images"
+    folder.mkdir()
+    write_image(folder / "a.png", seed=1)
+    write_image(folder / "b.jpg", seed=2)
+    return folder
