@@ -54,10 +54,9 @@ def run(context: RunContext) -> list[Artifact]:
         paths = [graph.resolve(n, _usable, " for activations") for n in params["layers"]]
     else:
         paths = default_layers(graph, params["max_layers"])
-        context.note(
-            f"layers: {len(paths)} convolution and pooling layers"
-            + (f" spread evenly over the model (max_layers={params['max_layers']})" if params["max_layers"] else "")
-        )
+        total = sum(1 for info in graph.layers if info.conv or info.pooling)
+        thinned = f", {len(paths)} of {total} spread evenly (max_layers)" if len(paths) < total else ""
+        context.note(f"layers: the convolution and pooling layers{thinned}")
     if not paths:
         raise ValueError("the model has no convolution or pooling layers; name some with activations.layers")
     artifacts = []
