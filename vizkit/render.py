@@ -22,7 +22,7 @@ from PIL import Image
 from vizkit.report import Report
 
 #: Pictures narrower than this are scaled up (nearest neighbour) by an integer factor.
-MIN_DISPLAY_WIDTH = 160
+MIN_DISPLAY_WIDTH = 320
 
 
 def png_data_uri(picture: np.ndarray) -> str:
