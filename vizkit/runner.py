@@ -134,6 +134,11 @@ def run(
     options = options or RunOptions()
     pm, selected, params, preprocess = plan(options, pm)
     labels = read_labels(options.labels) if options.labels else None
+    files, skipped = image_io.collect([Path(p) for p in inputs])
+    if not files:
+        raise UsageError("no images found in the inputs given")
+    if skipped:
+        print(f"vizkit: skipped {len(skipped)} file(s) that are not images (listed in the report)", file=sys.stderr)
 
     # TensorFlow loads only now, after the arguments were checked.
     from vizkit.graph import ModelGraph
@@ -150,60 +155,24 @@ def run(
     except (ModelLoadError, ValueError) as error:
         raise UsageError(str(error)) from None
     if preprocess is None:
-        preprocess, preprocess_name, preprocess_reason = (
-            preprocessing.MODES[loaded.preprocess], loaded.preprocess, loaded.preprocess_reason
-        )
+        preprocess = preprocessing.MODES[loaded.preprocess]
+        preprocess_name, preprocess_reason = loaded.preprocess, loaded.preprocess_reason
     else:
         preprocess_name, preprocess_reason = options.preprocess, "chosen with --preprocess"
     labels = labels or loaded.labels
 
-    files, skipped = image_io.collect([Path(p) for p in inputs])
-    if not files:
-        raise UsageError("no images found in the inputs given")
     size = graph.fixed_size or ((options.size, options.size) if options.size else None)
-    loaded_images = []
-    for image_id, path in zip(image_io.unique_ids(files), files):
-        progress(f"reading {path}")
-        image = image_io.load(path, image_id, graph.channels, size)
-        if image.error:
-            print(f"vizkit: {path}: {image.error}", file=sys.stderr)
-        loaded_images.append(image)
-    good = [image for image in loaded_images if image.ok]
-
+    images = _read_images(files, graph.channels, size, progress)
+    good = [image for image in images if image.ok]
     if graph.is_classifier and good:
         for batch_images, batch in RunContext(graph, good, {}, preprocess).batches(16):
             for image, scores in zip(batch_images, graph.predict(batch)):
                 image.predictions = top_predictions(scores, labels)
 
-    records = []
-    for registered in selected:
-        technique = registered.technique
-        record = TechniqueRecord(
-            technique.name, registered.plugin, technique.description, "ok", params[technique.name]
-        )
-        records.append(record)
-        if not good:
-            record.status, record.error = "skipped", "no image could be read"
-            continue
-        context = RunContext(
-            graph, good, params[technique.name], preprocess, labels,
-            progress=lambda message, name=technique.name: progress(f"{name}: {message}"),
-        )
-        progress(f"{technique.name}: running")
-        started = time.perf_counter()
-        try:
-            artifacts = technique.run(context)
-        except Exception as error:  # a plugin's failure must not cost the rest of the report
-            record.status = "error"
-            record.error = f"{type(error).__name__}: {error}"
-            record.traceback = "".join(traceback.format_exception(error, limit=-8))
-            print(f"vizkit: technique {technique.name} failed: {record.error}", file=sys.stderr)
-            artifacts = []
-        if not reproducible():
-            record.duration_s = round(time.perf_counter() - started, 3)
-        record.notes = context.notes
-        record.artifacts = _artifact_records(technique.name, artifacts)
-
+    records = [
+        _run_technique(registered, RunContext(graph, good, params[registered.technique.name], preprocess, labels), progress)
+        for registered in selected
+    ]
     report = Report(
         vizkit_version=__version__,
         created=created_at().isoformat(),
@@ -218,19 +187,7 @@ def run(
             "preprocess_reason": preprocess_reason,
             "labels": f"{len(labels)} class names" if labels else None,
         },
-        images=[
-            ImageRecord(
-                id=image.id,
-                path=str(image.path),
-                sha256=image.sha256,
-                status="ok" if image.ok else "error",
-                error=image.error,
-                warnings=image.warnings,
-                predictions=image.predictions,
-                picture=image.display,
-            )
-            for image in loaded_images
-        ],
+        images=[_image_record(image) for image in images],
         techniques=records,
         skipped_files=[str(path) for path in skipped],
         environment=environment(),
@@ -240,6 +197,55 @@ def run(
     outdir = outdir or default_outdir(loaded.name)
     progress(f"writing {outdir}")
     return report, render.write(report, outdir)
+
+
+def _read_images(files: list[Path], channels: int, size, progress) -> list[image_io.LoadedImage]:
+    images = []
+    for image_id, path in zip(image_io.unique_ids(files), files):
+        progress(f"reading {path}")
+        image = image_io.load(path, image_id, channels, size)
+        if image.error:
+            print(f"vizkit: {path}: {image.error}", file=sys.stderr)
+        images.append(image)
+    return images
+
+
+def _image_record(image: image_io.LoadedImage) -> ImageRecord:
+    return ImageRecord(
+        id=image.id,
+        path=str(image.path),
+        sha256=image.sha256,
+        status="ok" if image.ok else "error",
+        error=image.error,
+        warnings=image.warnings,
+        predictions=image.predictions,
+        picture=image.display,
+    )
+
+
+def _run_technique(registered, context: RunContext, progress) -> TechniqueRecord:
+    """Run one technique; whatever it raises is recorded, never passed on."""
+    technique = registered.technique
+    record = TechniqueRecord(technique.name, registered.plugin, technique.description, "ok", context.params)
+    if not context.images:
+        record.status, record.error = "skipped", "no image could be read"
+        return record
+    context.progress = lambda message: progress(f"{technique.name}: {message}")
+    progress(f"{technique.name}: running")
+    started = time.perf_counter()
+    try:
+        artifacts = list(technique.run(context))
+    except Exception as error:  # a plugin's failure must not cost the rest of the report
+        record.status = "error"
+        record.error = f"{type(error).__name__}: {error}"
+        record.traceback = "".join(traceback.format_exception(error, limit=-8))
+        print(f"vizkit: technique {technique.name} failed: {record.error}", file=sys.stderr)
+        artifacts = []
+    if not reproducible():
+        record.duration_s = round(time.perf_counter() - started, 3)
+    record.notes = context.notes
+    record.artifacts = _artifact_records(technique.name, artifacts)
+    return record
 
 
 def _artifact_records(technique: str, artifacts) -> list[ArtifactRecord]:
