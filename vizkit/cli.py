@@ -12,7 +12,25 @@ import click
 from vizkit import __version__, host
 from vizkit.runner import RunOptions, UsageError
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's start-up chatter is not for users
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def _start_tensorflow() -> None:
+    """Import TensorFlow and find its devices with stderr muted.
+
+    Its C++ start-up lines (oneDNN, CUDA probing) ignore TF_CPP_MIN_LOG_LEVEL and would
+    bury vizkit's own messages; Python errors still propagate as exceptions.
+    """
+    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    try:
+        import tensorflow as tf
+
+        tf.config.list_physical_devices()
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
 
 
 def _progress(quiet: bool):
@@ -62,6 +80,7 @@ def run(model, inputs, techniques, outdir, preprocess, settings, weights, size, 
     """
     from vizkit.runner import run as run_report
 
+    _start_tensorflow()
     options = RunOptions(
         techniques=list(techniques),
         settings=_parse_settings(settings),
@@ -89,6 +108,7 @@ def layers(model, weights, size, as_json):
     from vizkit.graph import ModelGraph
     from vizkit.models import ModelLoadError, load_model
 
+    _start_tensorflow()
     try:
         graph = ModelGraph(load_model(model, weights=weights, size=size).model)
     except (ModelLoadError, ValueError) as error:
@@ -151,6 +171,7 @@ def demo(outdir, quiet):
     """Write a report on vizkit's own demo model and sample images (works offline)."""
     from vizkit.demo import run_demo
 
+    _start_tensorflow()
     report, index = run_demo(outdir, progress=_progress(quiet))
     click.echo(index)
     sys.exit(1 if report.failed else 0)
