@@ -27,6 +27,7 @@ def _start_tensorflow() -> None:
         import tensorflow as tf
 
         tf.config.list_physical_devices()
+        tf.get_logger().setLevel("ERROR")  # e.g. retracing notes: one graph per layer is by design
     finally:
         os.dup2(saved, 2)
         os.close(saved)
@@ -55,6 +56,7 @@ def _parse_settings(values: tuple[str, ...]) -> dict[str, dict[str, str]]:
 @click.version_option(__version__, prog_name="vizkit")
 def main():
     """See what a convolutional network learned: one static HTML report per run."""
+    _start_tensorflow()  # every command loads the plugins, and with them TensorFlow
 
 
 @main.command()
@@ -79,8 +81,6 @@ def run(model, inputs, techniques, outdir, preprocess, settings, weights, size, 
     2 bad arguments (nothing written).
     """
     from vizkit.runner import run as run_report
-
-    _start_tensorflow()
     options = RunOptions(
         techniques=list(techniques),
         settings=_parse_settings(settings),
@@ -107,8 +107,6 @@ def layers(model, weights, size, as_json):
     """List every layer of MODEL (nested ones by path), with what each technique can use."""
     from vizkit.graph import ModelGraph
     from vizkit.models import ModelLoadError, load_model
-
-    _start_tensorflow()
     try:
         graph = ModelGraph(load_model(model, weights=weights, size=size).model)
     except (ModelLoadError, ValueError) as error:
@@ -170,8 +168,6 @@ def techniques(name):
 def demo(outdir, quiet):
     """Write a report on vizkit's own demo model and sample images (works offline)."""
     from vizkit.demo import run_demo
-
-    _start_tensorflow()
     report, index = run_demo(outdir, progress=_progress(quiet))
     click.echo(index)
     sys.exit(1 if report.failed else 0)
