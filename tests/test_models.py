@@ -121,17 +121,15 @@ def test_corrupt_h5_file_is_a_model_load_error(tmp_path):
     assert "cannot load model file" in message
 
 
-def test_uppercase_h5_suffix_loads(tmp_path, tiny_model):
-    """load_model accepts the suffix case-insensitively, so MODEL.H5 must load too."""
+def test_uppercase_h5_suffix_is_refused_with_the_rename(tmp_path, tiny_model):
+    """Keras reads only lowercase suffixes; vizkit says so instead of Keras's confusing error."""
     lower = tmp_path / "model.h5"
     tiny_model.save(lower)
     upper = tmp_path / "MODEL.H5"
     shutil.copy(lower, upper)
 
-    loaded = load_model(str(upper))
-
-    batch = _batch()
-    np.testing.assert_allclose(_predict(loaded.model, batch), _predict(tiny_model, batch), atol=1e-6)
+    with pytest.raises(ModelLoadError, match=r"rename MODEL\.H5 to MODEL\.h5"):
+        load_model(str(upper))
 
 
 # -- legacy Keras 2 .h5 files ------------------------------------------------

@@ -9,14 +9,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 #: Longest side of the copy of an image kept for the report's pictures.
 DISPLAY_MAX_SIDE = 512
 
 
 def image_extensions() -> frozenset[str]:
-    return frozenset(Image.registered_extensions())
+    """Extensions of formats Pillow can open (it also registers write-only ones: .pdf, .h5)."""
+    def opens(fmt: str) -> bool:
+        factory = Image.OPEN.get(fmt, (None,))[0]
+        return factory is not None and not (
+            isinstance(factory, type) and issubclass(factory, ImageFile.StubImageFile)
+        )
+
+    return frozenset(ext for ext, fmt in Image.registered_extensions().items() if opens(fmt))
 
 
 def collect(inputs: list[Path]) -> tuple[list[Path], list[Path]]:

@@ -71,6 +71,11 @@ def load_model(spec: str, weights: str = "imagenet", size: int | None = None) ->
     """
     path = Path(spec)
     if path.suffix.lower() in MODEL_SUFFIXES:
+        if path.suffix not in MODEL_SUFFIXES:
+            raise ModelLoadError(
+                f"Keras reads only lowercase {', '.join(MODEL_SUFFIXES)} names; rename {path.name} "
+                f"to {path.stem}{path.suffix.lower()}"
+            )
         loaded = _load_file(path)
     elif _normalize(spec) in _BY_NORMAL_NAME:
         loaded = _load_application(_BY_NORMAL_NAME[_normalize(spec)], weights)
@@ -130,11 +135,34 @@ def _load_factory(spec: str) -> LoadedModel:
 
 
 def _guess_preprocess(model: keras.Model) -> tuple[str, str]:
-    """``none`` when the model rescales inside, else ``unit`` (the usual 1/255 training)."""
-    first = next((layer for layer in model.layers if not isinstance(layer, keras.layers.InputLayer)), None)
-    if isinstance(first, (keras.layers.Rescaling, keras.layers.Normalization)):
-        return "none", f"the model starts with a {type(first).__name__} layer"
+    """``none`` when the model rescales inside, else ``unit`` (the usual 1/255 training).
+
+    Looks at the layers before the first convolution or dense layer, inside nested
+    models too, so augmentation layers in front of a Rescaling do not hide it.
+    """
+    found = _leading_rescaling(model)
+    if found is not None:
+        return "none", f"the model rescales its input itself ({type(found).__name__} layer {found.name})"
     return "unit", "the usual default for a model file: pixels / 255 (pass --preprocess to change)"
+
+
+def _flat_layers(model: keras.Model):
+    """Layers in order, those of nested models in place of the model."""
+    for layer in model.layers:
+        if isinstance(layer, keras.Model):
+            yield from _flat_layers(layer)
+        else:
+            yield layer
+
+
+def _leading_rescaling(model: keras.Model):
+    """The Rescaling or Normalization layer in front of the first conv or dense layer, if any."""
+    for layer in _flat_layers(model):
+        if isinstance(layer, (keras.layers.Rescaling, keras.layers.Normalization)):
+            return layer
+        if "Conv" in type(layer).__name__ or isinstance(layer, keras.layers.Dense):
+            return None
+    return None
 
 
 def _ensure_built(model: keras.Model, size: int | None) -> None:

@@ -91,4 +91,7 @@ def write(report: Report, outdir: Path) -> Path:
     html = render_html(report)
     index = outdir / "index.html"
     _write_atomic(index, lambda s: s.write(html.encode("utf-8")))
+    if not report.arrays_saved:
+        # Arrays of an earlier run in this folder would now describe another report.
+        (outdir / "arrays.npz").unlink(missing_ok=True)
     return index

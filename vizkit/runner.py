@@ -97,9 +97,12 @@ def plan(options: RunOptions, pm=None):
 
 def read_labels(path: Path) -> list[str]:
     """Class names from a JSON list or a text file with one name per line."""
-    text = path.read_text(encoding="utf-8")
-    if path.suffix.lower() == ".json":
-        labels = json.loads(text)
+    try:
+        text = path.read_text(encoding="utf-8")
+        labels = json.loads(text) if path.suffix.lower() == ".json" else None
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise UsageError(f"--labels {path}: cannot read it ({error})") from None
+    if labels is not None:
         if not isinstance(labels, list):
             raise UsageError(f"{path}: expected a JSON list of class names")
         return [str(label) for label in labels]

@@ -14,9 +14,16 @@ class OptionError(ValueError):
 
 
 def suggest(name: str, valid: Sequence[str]) -> str:
-    """``valid`` as a comma list, the closest matches to ``name`` first."""
-    close = difflib.get_close_matches(name, valid, n=len(valid), cutoff=0.0)
-    return ", ".join(close or valid)
+    """``valid`` as a comma list, the closest matches to ``name`` first.
+
+    Ties go to names with the same letters in another order (``vgg61`` → ``vgg16``).
+    """
+
+    def distance(candidate: str) -> tuple[float, bool]:
+        ratio = difflib.SequenceMatcher(None, name, candidate).ratio()
+        return -ratio, sorted(name) != sorted(candidate)
+
+    return ", ".join(sorted(valid, key=distance))
 
 
 @dataclass(frozen=True)
