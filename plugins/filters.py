@@ -80,6 +80,9 @@ def filter_patterns(
     path = graph.resolve(layer, _usable, " for filters (it is not a convolution layer)")
     channels_out = graph.info(path).shape[-1]
     indices = list(range(min(filters, channels_out))) if isinstance(filters, int) else list(filters)
+    outside = [i for i in indices if not 0 <= i < channels_out]
+    if outside:
+        raise ValueError(f"{path} has filters 0-{channels_out - 1}; no filter {outside[0]}")
     if start is None:
         start = initial_inputs(len(indices), size, graph.channels, seed)
     if graph.fixed_size not in (None, (size, size)):

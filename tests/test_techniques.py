@@ -262,6 +262,17 @@ def test_filter_index_out_of_range_is_an_error(tiny):
         filter_patterns(tiny, "conv1", filters=[8], size=32, steps=2)
 
 
+def test_filter_index_minus_one_is_the_last_filter_or_an_error(tiny):
+    """The chapter's ``layer_output[:, :, :, -1]`` is the last filter (conv1: filter 7)."""
+    try:
+        _, raw = filter_patterns(tiny, "conv1", filters=[-1], size=32, steps=2, seed=0)
+    except (ValueError, IndexError, LayerError):
+        return
+    _, last = filter_patterns(tiny, "conv1", filters=[7], size=32, steps=2, seed=0)
+    assert not np.array_equal(last[0], initial_inputs(1, 32, 3, 0)[0])  # filter 7 does move
+    np.testing.assert_allclose(raw, last, atol=1e-4)
+
+
 # -- Grad-CAM ------------------------------------------------------------------------
 
 
