@@ -65,11 +65,14 @@ def write_image(path, size=(40, 48), mode="RGB", seed=0, **save_args):
     return path
 
 
-@pytest.fixture
-def image_dir(tmp_path):
-    """A folder with two decodable images."""
-    folder = tmp_path / "images"
+def write_sample_folder(folder):
+    """``folder`` with two decodable images, a.png and b.jpg."""
     folder.mkdir()
     write_image(folder / "a.png", seed=1)
     write_image(folder / "b.jpg", seed=2)
     return folder
+
+
+@pytest.fixture
+def image_dir(tmp_path):
+    return write_sample_folder(tmp_path / "images")

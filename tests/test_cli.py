@@ -15,7 +15,7 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from conftest import build_nested, build_tiny, write_image
+from conftest import build_nested, build_tiny, write_image, write_sample_folder
 from vizkit import images as image_io
 from vizkit.cli import main
 
@@ -47,11 +47,7 @@ def model_file(workdir):
 
 @pytest.fixture(scope="module")
 def pictures(workdir):
-    folder = workdir / "pictures"
-    folder.mkdir()
-    write_image(folder / "a.png", seed=1)
-    write_image(folder / "b.jpg", seed=2)
-    return folder
+    return write_sample_folder(workdir / "pictures")
 
 
 @pytest.fixture(scope="module")

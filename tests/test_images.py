@@ -81,13 +81,18 @@ def test_rgba_transparent_pixels_become_white_with_a_warning(tmp_path):
     assert any("transparent" in note for note in result.warnings)
 
 
-def test_palette_image_is_decoded_through_its_palette(tmp_path):
+def _red_blue_palette_file(path, **save_args):
+    """A 10×10 palette PNG: left half index 0 (red), right half index 1 (blue)."""
     indexes = np.zeros((10, 10), np.uint8)
     indexes[:, 5:] = 1
     image = Image.fromarray(indexes, "P")
     image.putpalette([255, 0, 0, 0, 0, 255] + [0] * (256 * 3 - 6))
-    path = tmp_path / "palette.png"
-    image.save(path)
+    image.save(path, **save_args)
+    return path
+
+
+def test_palette_image_is_decoded_through_its_palette(tmp_path):
+    path = _red_blue_palette_file(tmp_path / "palette.png")
     assert Image.open(path).mode == "P"
 
     result = _load(path)
@@ -99,12 +104,8 @@ def test_palette_image_is_decoded_through_its_palette(tmp_path):
 
 
 def test_palette_image_with_transparency_is_composited_on_white(tmp_path):
-    indexes = np.zeros((10, 10), np.uint8)
-    indexes[:, 5:] = 1
-    image = Image.fromarray(indexes, "P")
-    image.putpalette([255, 0, 0, 0, 0, 255] + [0] * (256 * 3 - 6))
-    path = tmp_path / "palette_transparent.png"
-    image.save(path, transparency=0)  # index 0 (red) is transparent
+    # index 0 (red) is transparent
+    path = _red_blue_palette_file(tmp_path / "palette_transparent.png", transparency=0)
 
     result = _load(path)
 
