@@ -1,14 +1,19 @@
-"""The hooks a vizkit plugin can implement.
+"""The hooks a vizkit plugin can implement; ``docs/plugins.md`` explains each one.
 
-Built-in techniques use exactly these hooks; see ``plugins/`` for examples.
+Built-in techniques use exactly these hooks; see ``plugins/`` for examples. A plugin
+implements any subset, as module-level functions (or methods) decorated with
+``@vizkit.hookimpl`` and named like the hooks below.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Callable
 
 import pluggy
 
+from vizkit.extension import ModelLoader, ReportSection
+from vizkit.report import Report
 from vizkit.technique import Technique
 
 hookspec = pluggy.HookspecMarker("vizkit")
@@ -20,4 +25,39 @@ def register_techniques(register: Callable[[Technique], None]) -> None:
 
     A callback rather than a return value, so one plugin can register several
     techniques, or none, depending on what is installed (the pattern of llm's hooks).
+    """
+
+
+@hookspec
+def register_model_loaders(register: Callable[[ModelLoader], None]) -> None:
+    """Register loaders for model specs of a scheme of your own: ``register(ModelLoader(...))``.
+
+    ``vizkit run SCHEME:REST …`` then calls your loader with ``REST``.
+    """
+
+
+@hookspec
+def report_sections(report: Report) -> list[ReportSection] | None:
+    """Sections to add to the report, after the techniques (return a list, or None)."""
+
+
+@hookspec
+def report_css() -> str | None:
+    """CSS to add to the report's stylesheet, after vizkit's own."""
+
+
+@hookspec
+def report_templates() -> str | Path | None:
+    """A folder of Jinja2 templates searched before vizkit's own.
+
+    A ``report.html`` there replaces the whole page; ``{% extends "vizkit/report.html" %}``
+    reaches the original to override only some of its blocks.
+    """
+
+
+@hookspec
+def report_written(report: Report, outdir: Path, index: Path) -> None:
+    """Called after the report was written, for example to publish or upload it.
+
+    An exception here is reported and makes the exit status 1; the report stays.
     """

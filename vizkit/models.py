@@ -63,14 +63,21 @@ class LoadedModel:
     labels: list[str] | None = None
 
 
-def load_model(spec: str, weights: str = "imagenet", size: int | None = None) -> LoadedModel:
-    """Load ``spec``: a .keras/.h5 file, an application name, or ``package.module:function``.
+def load_model(
+    spec: str, weights: str = "imagenet", size: int | None = None, loaders: dict | None = None
+) -> LoadedModel:
+    """Load ``spec``: ``SCHEME:REST`` of a plugin's loader, a .keras/.h5 file, an
+    application name, or ``package.module:function``.
 
     ``weights`` applies to application names (``imagenet`` or ``none``); ``size`` builds
-    a Sequential model that was never called and has no input shape.
+    a Sequential model that was never called and has no input shape; ``loaders`` maps
+    schemes to :class:`vizkit.extension.ModelLoader` (see ``host.model_loaders``).
     """
     path = Path(spec)
-    if path.suffix.lower() in MODEL_SUFFIXES:
+    scheme, _, rest = spec.partition(":")
+    if loaders and scheme in loaders:
+        loaded = _load_plugin(loaders[scheme], spec, rest)
+    elif path.suffix.lower() in MODEL_SUFFIXES:
         if path.suffix not in MODEL_SUFFIXES:
             raise ModelLoadError(
                 f"Keras reads only lowercase {', '.join(MODEL_SUFFIXES)} names; rename {path.name} "
@@ -120,6 +127,21 @@ def _load_application(short: str, weights: str) -> LoadedModel:
         ) from error
     reason = f"the preprocessing keras.applications uses for {constructor_name}"
     return LoadedModel(model, short, f"keras.applications.{constructor_name}", None, mode, reason)
+
+
+def _load_plugin(loader, spec: str, rest: str) -> LoadedModel:
+    try:
+        result = loader.load(rest)
+    except ModelLoadError:
+        raise
+    except Exception as error:  # the plugin's own failure, named as such
+        raise ModelLoadError(f"the {loader.scheme}: model loader failed on {spec!r}: {error}") from error
+    if isinstance(result, LoadedModel):
+        return result
+    if not isinstance(result, keras.Model):
+        raise ModelLoadError(f"the {loader.scheme}: model loader returned {type(result).__name__}, not a keras.Model")
+    mode, reason = _guess_preprocess(result)
+    return LoadedModel(result, result.name, spec, None, mode, reason)
 
 
 def _load_factory(spec: str) -> LoadedModel:

@@ -12,6 +12,7 @@ import json
 import os
 import tempfile
 import zipfile
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
@@ -37,9 +38,23 @@ def display_width(picture: np.ndarray) -> int:
     return width * max(1, -(-MIN_DISPLAY_WIDTH // width))
 
 
-def _environment() -> jinja2.Environment:
+@dataclass
+class Theme:
+    """What plugins add to the page: CSS after vizkit's, template folders searched first."""
+
+    css: list[str] = field(default_factory=list)
+    template_dirs: list[Path] = field(default_factory=list)
+
+
+def _environment(theme: Theme) -> jinja2.Environment:
+    builtin = jinja2.FileSystemLoader(str(resources.files("vizkit.templates")))
     env = jinja2.Environment(
-        loader=jinja2.FileSystemLoader(str(resources.files("vizkit.templates"))),
+        # A plugin's report.html shadows vizkit's; "vizkit/report.html" still reaches the original.
+        loader=jinja2.ChoiceLoader(
+            [jinja2.FileSystemLoader([str(d) for d in theme.template_dirs]),
+             jinja2.PrefixLoader({"vizkit": builtin}),
+             builtin]
+        ),
         autoescape=True,
         undefined=jinja2.StrictUndefined,
         trim_blocks=True,
@@ -50,10 +65,11 @@ def _environment() -> jinja2.Environment:
     return env
 
 
-def render_html(report: Report) -> str:
-    env = _environment()
+def render_html(report: Report, theme: Theme | None = None) -> str:
+    theme = theme or Theme()
     css = (resources.files("vizkit.templates") / "report.css").read_text(encoding="utf-8")
-    return env.get_template("report.html").render(report=report, css=css)
+    css = "\n".join([css, *theme.css])
+    return _environment(theme).get_template("report.html").render(report=report, css=css)
 
 
 def _write_atomic(path: Path, write) -> None:
@@ -81,14 +97,14 @@ def _write_npz(stream, arrays: dict[str, np.ndarray]) -> None:
             archive.writestr(entry, buffer.getvalue())
 
 
-def write(report: Report, outdir: Path) -> Path:
+def write(report: Report, outdir: Path, theme: Theme | None = None) -> Path:
     """Write the report into ``outdir`` (created if needed); returns the path of index.html."""
     outdir.mkdir(parents=True, exist_ok=True)
     if report.arrays_saved:
         _write_atomic(outdir / "arrays.npz", lambda s: _write_npz(s, report.arrays()))
     data = json.dumps(report.to_json(), indent=2, ensure_ascii=False, allow_nan=False) + "\n"
     _write_atomic(outdir / "report.json", lambda s: s.write(data.encode("utf-8")))
-    html = render_html(report)
+    html = render_html(report, theme)
     index = outdir / "index.html"
     _write_atomic(index, lambda s: s.write(html.encode("utf-8")))
     if not report.arrays_saved:

@@ -91,12 +91,16 @@ class Report:
     environment: dict[str, str] = field(default_factory=dict)
     plugins: list[dict] = field(default_factory=list)
     arrays_saved: bool = False
+    sections: list[dict] = field(default_factory=list)  # title, html, plugin, data
+    plugin_errors: list[str] = field(default_factory=list)  # report hooks that raised
 
     @property
     def failed(self) -> bool:
-        """Some image or technique failed (the report is still complete otherwise)."""
-        return any(i.status == "error" for i in self.images) or any(
-            t.status == "error" for t in self.techniques
+        """Some image, technique or report hook failed (the report is still written)."""
+        return (
+            any(i.status == "error" for i in self.images)
+            or any(t.status == "error" for t in self.techniques)
+            or bool(self.plugin_errors)
         )
 
     def to_json(self) -> dict:
@@ -107,6 +111,10 @@ class Report:
             "images": [image.to_json() for image in self.images],
             "skipped_files": self.skipped_files,
             "techniques": [t.to_json(self.arrays_saved) for t in self.techniques],
+            "sections": [
+                {"title": s["title"], "plugin": s["plugin"], "data": s["data"]} for s in self.sections
+            ],
+            "plugin_errors": self.plugin_errors,
             "plugins": self.plugins,
             "environment": self.environment,
         }

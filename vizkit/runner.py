@@ -37,6 +37,8 @@ class RunOptions:
 
     techniques: list[str] = field(default_factory=list)
     settings: dict[str, dict[str, object]] = field(default_factory=dict)  # technique → key → value
+    plugins: list[str] = field(default_factory=list)  # -p: plugin files or modules
+    disabled_plugins: list[str] = field(default_factory=list)
     preprocess: str | None = None
     weights: str = "imagenet"
     size: int | None = None
@@ -67,8 +69,11 @@ def default_outdir(model_name: str, base: Path = Path("reports")) -> Path:
 
 def plan(options: RunOptions, pm=None):
     """Resolve techniques and their options before anything heavy loads; UsageError if bad."""
-    pm = pm or host.plugin_manager()
-    available = host.techniques(pm)
+    try:
+        pm = pm or host.plugin_manager(options.plugins, options.disabled_plugins)
+        available = host.techniques(pm)
+    except host.PluginError as error:
+        raise UsageError(str(error)) from None
     try:
         selected = host.select(available, options.techniques)
     except KeyError as error:
@@ -153,7 +158,7 @@ def run(
         tf.config.experimental.enable_op_determinism()
     progress(f"loading model {model}")
     try:
-        loaded = load_model(model, weights=options.weights, size=options.size)
+        loaded = load_model(model, weights=options.weights, size=options.size, loaders=host.model_loaders(pm))
         graph = ModelGraph(loaded.model)
     except (ModelLoadError, ValueError) as error:
         raise UsageError(str(error)) from None
@@ -199,7 +204,26 @@ def run(
     )
     outdir = outdir or default_outdir(loaded.name)
     progress(f"writing {outdir}")
-    return report, render.write(report, outdir)
+    index = render.write(report, outdir, _apply_report_hooks(pm, report))
+    _, errors = host.call_each(pm, "report_written", report=report, outdir=outdir, index=index)
+    for error in errors:
+        print(f"vizkit: {error}", file=sys.stderr)
+    report.plugin_errors += errors
+    return report, index
+
+
+def _apply_report_hooks(pm, report: Report) -> render.Theme:
+    """Plugin sections go into the report; their CSS and templates into the theme."""
+    sections, errors = host.call_each(pm, "report_sections", report=report)
+    for plugin, items in sections:
+        for item in items if isinstance(items, (list, tuple)) else [items]:
+            report.sections.append({"title": item.title, "html": item.html, "plugin": plugin, "data": item.data})
+    css, css_errors = host.call_each(pm, "report_css")
+    folders, folder_errors = host.call_each(pm, "report_templates")
+    report.plugin_errors += errors + css_errors + folder_errors
+    for error in report.plugin_errors:
+        print(f"vizkit: {error}", file=sys.stderr)
+    return render.Theme([text for _, text in css], [Path(folder) for _, folder in folders])
 
 
 def _read_images(files: list[Path], channels: int, size, progress) -> list[image_io.LoadedImage]:

@@ -58,7 +58,7 @@ class Option:
 
     def _convert(self, raw: Any) -> Any:
         if not isinstance(raw, str):
-            return list(raw) if self.type is list else self.type(raw)
+            return self._convert_typed(raw)
         if self.type is list:
             return [item.strip() for item in raw.split(",") if item.strip()]
         if self.type is bool:
@@ -67,6 +67,22 @@ class Option:
                 raise ValueError(raw)
             return lowered in ("1", "true", "yes", "on")
         return self.type(raw.strip())
+
+    def _convert_typed(self, raw: Any) -> Any:
+        """A value that already has a type (from a TOML file or Python): no silent coercion."""
+        if self.type is list and isinstance(raw, (list, tuple)):
+            return [str(item) for item in raw]
+        if self.type is bool and isinstance(raw, bool):
+            return raw
+        if isinstance(raw, bool) or isinstance(raw, (list, tuple, dict)):
+            raise ValueError(raw)
+        if self.type is int and isinstance(raw, int):
+            return raw
+        if self.type is float and isinstance(raw, (int, float)):
+            return float(raw)
+        if self.type is str:
+            return str(raw)
+        raise ValueError(raw)
 
 
 @dataclass(frozen=True)
