@@ -11,17 +11,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from vizkit.testing import tiny_classifier
 
-def build_tiny(size: int = 32, classes: int = 4, name: str = "tiny") -> keras.Model:
-    """conv1 → pool1 → conv2 → GAP → softmax: every technique has a layer to work on."""
-    keras.utils.set_random_seed(1)
-    inputs = keras.Input((size, size, 3), name="image")
-    x = keras.layers.Conv2D(8, 3, activation="relu", padding="same", name="conv1")(inputs)
-    x = keras.layers.MaxPooling2D(name="pool1")(x)
-    x = keras.layers.Conv2D(16, 3, activation="relu", padding="same", name="conv2")(x)
-    x = keras.layers.GlobalAveragePooling2D(name="gap")(x)
-    outputs = keras.layers.Dense(classes, activation="softmax", name="predictions")(x)
-    return keras.Model(inputs, outputs, name=name)
+
+build_tiny = tiny_classifier
 
 
 def build_nested(size: int = 32, classes: int = 3) -> keras.Model:

@@ -10,6 +10,7 @@ from pathlib import Path
 import click
 
 from vizkit import __version__, host
+from vizkit.config import ConfigError, load_settings, merge
 from vizkit.runner import RunOptions, UsageError
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -52,6 +53,25 @@ def _parse_settings(values: tuple[str, ...]) -> dict[str, dict[str, str]]:
     return settings
 
 
+def plugin_options(command):
+    """-p and --disable-plugin, on every command that loads plugins."""
+    command = click.option(
+        "--disable-plugin", "disabled", multiple=True, metavar="NAME",
+        help="Do not load this plugin (repeatable; names as `vizkit plugins` shows them).",
+    )(command)
+    return click.option(
+        "-p", "--plugin", "plugins", multiple=True, metavar="PATH_OR_MODULE",
+        help="Also load this plugin: a .py file or an importable module (repeatable).",
+    )(command)
+
+
+def _host(plugins, disabled) -> host.PluginHost:
+    try:
+        return host.plugin_manager(plugins, disabled)
+    except host.PluginError as error:
+        raise click.UsageError(str(error)) from None
+
+
 @click.group()
 @click.version_option(__version__, prog_name="vizkit")
 def main():
@@ -70,8 +90,10 @@ def main():
 @click.option("--size", type=click.IntRange(min=8), help="Input size for models with a free (or unknown) input size.")
 @click.option("--labels", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="Class names: a JSON list, or a text file with one per line.")
 @click.option("--save-arrays", is_flag=True, help="Also write arrays.npz with the raw numbers of every picture.")
+@click.option("--config", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="Technique options from a TOML file; default: [tool.vizkit] in ./pyproject.toml.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress messages.")
-def run(model, inputs, techniques, outdir, preprocess, settings, weights, size, labels, save_arrays, quiet):
+@plugin_options
+def run(model, inputs, techniques, outdir, preprocess, settings, weights, size, labels, save_arrays, config, quiet, plugins, disabled):
     """Apply techniques to MODEL for the images INPUTS (files or folders) and write a report.
 
     MODEL is a .keras or .h5 file, a keras.applications name (vgg16, resnet50,
@@ -81,9 +103,16 @@ def run(model, inputs, techniques, outdir, preprocess, settings, weights, size, 
     2 bad arguments (nothing written).
     """
     from vizkit.runner import run as run_report
+
+    try:
+        configured = load_settings(config)
+    except ConfigError as error:
+        raise click.UsageError(str(error)) from None
     options = RunOptions(
         techniques=list(techniques),
-        settings=_parse_settings(settings),
+        settings=merge(configured, _parse_settings(settings)),
+        plugins=list(plugins),
+        disabled_plugins=list(disabled),
         preprocess=preprocess,
         weights=weights,
         size=size,
@@ -103,12 +132,15 @@ def run(model, inputs, techniques, outdir, preprocess, settings, weights, size, 
 @click.option("--weights", type=click.Choice(["imagenet", "none"]), default="imagenet", show_default=True)
 @click.option("--size", type=click.IntRange(min=8), help="Input size to build a model that was never built.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per layer.")
-def layers(model, weights, size, as_json):
+@plugin_options
+def layers(model, weights, size, as_json, plugins, disabled):
     """List every layer of MODEL (nested ones by path), with what each technique can use."""
     from vizkit.graph import ModelGraph
     from vizkit.models import ModelLoadError, load_model
+
+    loaders = host.model_loaders(_host(plugins, disabled))
     try:
-        graph = ModelGraph(load_model(model, weights=weights, size=size).model)
+        graph = ModelGraph(load_model(model, weights=weights, size=size, loaders=loaders).model)
     except (ModelLoadError, ValueError) as error:
         raise click.UsageError(str(error)) from None
     rows = [
@@ -134,21 +166,30 @@ def layers(model, weights, size, as_json):
 
 @main.command()
 @click.option("--json", "as_json", is_flag=True)
-def plugins(as_json):
-    """List installed plugins with their version, origin and techniques."""
-    rows = host.describe_plugins(host.plugin_manager())
+@plugin_options
+def plugins(as_json, plugins, disabled):
+    """List plugins: name, version, origin, hooks and techniques (broken ones too)."""
+    rows = host.describe_plugins(_host(plugins, disabled))
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return
     for row in rows:
-        click.echo(f"{row['name']} {row['version']} ({row['origin']}): {', '.join(row['techniques']) or '-'}")
+        if row["status"] == "broken":
+            click.echo(f"{row['name']} {row['version']} ({row['origin']}: {row['where']}): BROKEN: {row['error']}")
+            continue
+        hooks = ", ".join(row["hooks"]) or "-"
+        click.echo(
+            f"{row['name']} {row['version']} ({row['origin']}: {row['where']})\n"
+            f"    techniques: {', '.join(row['techniques']) or '-'}\n    hooks: {hooks}"
+        )
 
 
 @main.command()
 @click.argument("name", required=False)
-def techniques(name):
+@plugin_options
+def techniques(name, plugins, disabled):
     """List techniques, or show the options of technique NAME."""
-    available = host.techniques(host.plugin_manager())
+    available = host.techniques(_host(plugins, disabled))
     try:
         selected = host.select(available, [name] if name else [])
     except KeyError as error:

@@ -1,0 +1,106 @@
+"""A test kit for plugin authors: pytest fixtures, loaded automatically once vizkit is installed.
+
+    def test_my_technique(vizkit_plugin, vizkit_cli, vizkit_model_file, vizkit_images, tmp_path):
+        vizkit_plugin(my_plugin_module)
+        result = vizkit_cli("run", vizkit_model_file, vizkit_images, "-t", "mine", "-o", tmp_path / "out")
+        assert result.exit_code == 0, result.output
+
+Fixtures: ``vizkit_model`` (a tiny Keras classifier), ``vizkit_model_file`` (it, saved as
+.keras), ``vizkit_images`` (a folder of three small PNG photos of drawn shapes),
+``vizkit_context`` (a ready :class:`vizkit.technique.RunContext` for calling a technique's
+``run`` directly), ``vizkit_cli`` (runs the ``vizkit`` command in-process) and
+``vizkit_plugin`` (registers a plugin object for one test). This module imports nothing
+heavy until a fixture is used, since pytest loads it in every session.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+
+def tiny_classifier(size: int = 32, classes: int = 4, name: str = "tiny"):
+    """conv1 → pool1 → conv2 → global average pool → softmax; seeded, untrained."""
+    import keras
+
+    keras.utils.set_random_seed(1)
+    inputs = keras.Input((size, size, 3), name="image")
+    x = keras.layers.Conv2D(8, 3, activation="relu", padding="same", name="conv1")(inputs)
+    x = keras.layers.MaxPooling2D(name="pool1")(x)
+    x = keras.layers.Conv2D(16, 3, activation="relu", padding="same", name="conv2")(x)
+    x = keras.layers.GlobalAveragePooling2D(name="gap")(x)
+    outputs = keras.layers.Dense(classes, activation="softmax", name="predictions")(x)
+    return keras.Model(inputs, outputs, name=name)
+
+
+@pytest.fixture
+def vizkit_model():
+    return tiny_classifier()
+
+
+@pytest.fixture
+def vizkit_model_file(tmp_path, vizkit_model) -> Path:
+    path = tmp_path / "tiny.keras"
+    vizkit_model.save(path)
+    return path
+
+
+@pytest.fixture
+def vizkit_images(tmp_path) -> Path:
+    from vizkit.demo import write_samples
+
+    folder = tmp_path / "images"
+    write_samples(folder)
+    return folder
+
+
+@pytest.fixture
+def vizkit_context(vizkit_model, vizkit_images):
+    """``make(params={}, preprocess=unit)`` → a RunContext on the tiny model and the images."""
+    from vizkit import images as image_io
+    from vizkit.graph import ModelGraph
+    from vizkit.preprocess import unit
+    from vizkit.technique import RunContext
+
+    graph = ModelGraph(vizkit_model)
+    files, _ = image_io.collect([vizkit_images])
+    loaded = [
+        image_io.load(path, image_id, graph.channels, graph.fixed_size)
+        for image_id, path in zip(image_io.unique_ids(files), files)
+    ]
+
+    def make(params: dict | None = None, preprocess=unit) -> RunContext:
+        return RunContext(graph, loaded, dict(params or {}), preprocess)
+
+    return make
+
+
+@pytest.fixture
+def vizkit_cli():
+    """``invoke(*args, env=None)`` → click's Result of ``vizkit *args``, run in-process."""
+    from click.testing import CliRunner
+
+    from vizkit.cli import main
+
+    def invoke(*args, env: dict | None = None):
+        return CliRunner().invoke(main, [str(arg) for arg in args], env=env, catch_exceptions=False)
+
+    return invoke
+
+
+@pytest.fixture
+def vizkit_plugin():
+    """``register(plugin, name=None)``: the plugin takes part in every vizkit run of this test."""
+    from vizkit import host
+
+    added: list[str] = []
+
+    def register(plugin, name: str | None = None) -> None:
+        name = name or getattr(plugin, "__name__", type(plugin).__name__)
+        host.TEST_PLUGINS[name] = plugin
+        added.append(name)
+
+    yield register
+    for name in added:
+        host.TEST_PLUGINS.pop(name, None)
