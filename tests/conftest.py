@@ -32,6 +32,19 @@ def build_nested(size: int = 32, classes: int = 3) -> keras.Model:
     return keras.Model(inputs, outputs, name="outer")
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _cache_in_a_temporary_folder(tmp_path_factory):
+    """Converted models go to a folder of this test session, never the user's cache."""
+    folder = tmp_path_factory.mktemp("vizkit-cache")
+    saved = os.environ.get("VIZKIT_CACHE_DIR")
+    os.environ["VIZKIT_CACHE_DIR"] = str(folder)
+    yield folder
+    if saved is None:
+        del os.environ["VIZKIT_CACHE_DIR"]
+    else:
+        os.environ["VIZKIT_CACHE_DIR"] = saved
+
+
 @pytest.fixture
 def tiny_model() -> keras.Model:
     return build_tiny()

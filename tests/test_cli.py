@@ -368,15 +368,34 @@ def test_layers_of_missing_model_exit_2(tmp_path):
 # -- vizkit demo ---------------------------------------------------------------
 
 
-def test_demo_predicts_the_drawn_shapes(tmp_path):
+def test_demo_labels_the_sample_photos_and_gradcam_sits_on_the_cat(tmp_path):
     outdir = tmp_path / "demo"
     result = invoke("demo", "-o", outdir, "-q")
     assert result.exit_code == 0, result.output
-    assert (outdir / "index.html").is_file()
     data = json.loads((outdir / "report.json").read_text(encoding="utf-8"))
-    assert sorted(image["id"] for image in data["images"]) == ["circle", "square", "triangle"]
-    for image in data["images"]:
-        assert image["status"] == "ok"
-        assert image["predictions"][0]["label"] == image["id"]
+    top5 = {image["id"]: [p["label"] for p in image["predictions"]] for image in data["images"]}
+    assert top5["chelsea"][0] == "Egyptian cat"
+    assert top5["coffee"][0] == "espresso"
+    assert {"missile", "projectile", "space shuttle"} & set(top5["rocket"][:3])
     assert {t["name"]: t["status"] for t in data["techniques"]} == dict.fromkeys(BUILTINS, "ok")
     assert_self_contained((outdir / "index.html").read_text(encoding="utf-8"))
+
+
+def test_run_efficientnet_lite0_gradcam_on_the_cat(tmp_path):
+    """The named model works from the CLI; the heat sits on the cat's face, not the border."""
+    from vizkit.samples import sample_photos
+
+    outdir = tmp_path / "out"
+    chelsea = sample_photos()[0]
+    result = invoke("run", "efficientnet-lite0", chelsea, "-t", "gradcam", "-o", outdir, "--save-arrays")
+    assert result.exit_code == 0, result.output
+    data = json.loads((outdir / "report.json").read_text(encoding="utf-8"))
+    top = data["images"][0]["predictions"][0]
+    assert (top["index"], top["label"]) == (285, "Egyptian cat")
+    (artifact,) = data["techniques"][0]["artifacts"]
+    heatmap = np.load(outdir / "arrays.npz")[artifact["array"]]
+    assert heatmap.shape == (7, 7)
+    # Chelsea's head fills the middle of the photo; the corners are background.
+    rows, cols = np.unravel_index(np.argmax(heatmap), heatmap.shape)
+    assert 1 <= rows <= 5 and 1 <= cols <= 5
+    assert heatmap[2:5, 2:5].mean() > 2 * np.mean([heatmap[0, 0], heatmap[0, -1], heatmap[-1, 0], heatmap[-1, -1]])

@@ -10,6 +10,8 @@ import pytest
 from PIL import Image
 
 from vizkit import efficientnet_lite as lite
+from vizkit.labels import imagenet_labels
+from vizkit.samples import sample_photos
 from vizkit.preprocess import MODES
 from vizkit.pth import load_state_dict
 
@@ -34,7 +36,7 @@ def model(weights_package):
 
 @pytest.fixture(scope="module")
 def labels():
-    return lite.imagenet_labels()
+    return imagenet_labels()
 
 
 # ------------------------------------------------------------------------------ labels
@@ -157,12 +159,7 @@ def reference_forward(state, images_nhwc):
 
 def test_matches_an_independent_numpy_forward_pass(model, state):
     images = np.random.default_rng(0).uniform(0, 255, (2, 224, 224, 3)).astype("float32")
-    try:
-        import skimage.data
-
-        images[1] = np.asarray(Image.fromarray(skimage.data.chelsea()).resize((224, 224), Image.BILINEAR))
-    except ImportError:  # a real photo is a better check than noise, but noise will do
-        pass
+    images[1] = _photo(sample_photos()[0])  # a real photo is a better check than noise
     x = MODES[lite.PREPROCESS](images)
     pooled, logits = reference_forward(state, x)
     features = keras.Model(model.input, [model.get_layer("avg_pool").output, model.output])
@@ -270,13 +267,16 @@ def test_missing_weights_package_says_what_to_install(monkeypatch):
 # ------------------------------------------------------------------------ predictions
 
 
+def _photo(path) -> np.ndarray:
+    return np.asarray(Image.open(path).convert("RGB").resize((224, 224), Image.BILINEAR), "float32")
+
+
 def _photos():
+    """The sample photos that ship with vizkit, and one without a clear ImageNet subject."""
     data = pytest.importorskip("skimage.data")
-    names = ("chelsea", "coffee", "astronaut", "rocket")
-    return {
-        name: np.asarray(Image.fromarray(getattr(data, name)()).resize((224, 224), Image.BILINEAR), "float32")
-        for name in names
-    }
+    photos = {path.stem: _photo(path) for path in sample_photos()}
+    photos["astronaut"] = np.asarray(Image.fromarray(data.astronaut()).resize((224, 224), Image.BILINEAR), "float32")
+    return photos
 
 
 @pytest.fixture(scope="module")

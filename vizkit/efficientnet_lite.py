@@ -48,7 +48,6 @@ __all__ = [
     "cached_model",
     "default_weights_path",
     "efficientnet_lite0",
-    "imagenet_labels",
     "load_weights",
     "resolve_cache_dir",
     "weight_map",
@@ -312,15 +311,3 @@ def cached_model(cache_dir: str | os.PathLike | None = None) -> keras.Model:
     except OSError:
         pass  # a read-only or full disk costs a conversion per run, nothing more
     return model
-
-
-# -------------------------------------------------------------------------------- labels
-
-
-def imagenet_labels() -> list[str]:
-    """The 1000 ImageNet class names in index order (``vizkit/data/imagenet_classes.txt``)."""
-    text = importlib.resources.files("vizkit").joinpath("data", "imagenet_classes.txt").read_text(encoding="utf-8")
-    labels = text.splitlines()
-    if len(labels) != CLASSES:
-        raise ValueError(f"vizkit/data/imagenet_classes.txt has {len(labels)} lines, not {CLASSES}")
-    return labels

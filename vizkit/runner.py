@@ -6,7 +6,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import sys
@@ -20,6 +19,7 @@ from typing import Callable
 import numpy as np
 
 from vizkit import __version__, host, images as image_io, preprocess as preprocessing, render
+from vizkit.labels import LabelsError, read_labels
 from vizkit.report import ArtifactRecord, ImageRecord, Report, TechniqueRecord
 from vizkit.technique import OptionError, RunContext, suggest
 
@@ -100,20 +100,6 @@ def plan(options: RunOptions, pm=None):
     return pm, selected, params, preprocess
 
 
-def read_labels(path: Path) -> list[str]:
-    """Class names from a JSON list or a text file with one name per line."""
-    try:
-        text = path.read_text(encoding="utf-8")
-        labels = json.loads(text) if path.suffix.lower() == ".json" else None
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise UsageError(f"--labels {path}: cannot read it ({error})") from None
-    if labels is not None:
-        if not isinstance(labels, list):
-            raise UsageError(f"{path}: expected a JSON list of class names")
-        return [str(label) for label in labels]
-    return [line.strip() for line in text.splitlines() if line.strip()]
-
-
 def top_predictions(scores: np.ndarray, labels: list[str] | None, k: int = TOP_PREDICTIONS) -> list[dict]:
     order = np.argsort(-scores, kind="stable")[:k]
     return [
@@ -141,7 +127,10 @@ def run(
     """
     options = options or RunOptions()
     pm, selected, params, preprocess = plan(options, pm)
-    labels = read_labels(options.labels) if options.labels else None
+    try:
+        labels = read_labels(options.labels) if options.labels else None
+    except LabelsError as error:
+        raise UsageError(str(error)) from None
     files, skipped = image_io.collect([Path(p) for p in inputs])
     if not files:
         raise UsageError("no images found in the inputs given")

@@ -6,7 +6,7 @@
         assert result.exit_code == 0, result.output
 
 Fixtures: ``vizkit_model`` (a tiny Keras classifier), ``vizkit_model_file`` (it, saved as
-.keras), ``vizkit_images`` (a folder of three small PNG photos of drawn shapes),
+.keras), ``vizkit_images`` (a folder with vizkit's three sample photos),
 ``vizkit_context`` (a ready :class:`vizkit.technique.RunContext` for calling a technique's
 ``run`` directly), ``vizkit_cli`` (runs the ``vizkit`` command in-process) and
 ``vizkit_plugin`` (registers a plugin object for one test). This module imports nothing
@@ -48,10 +48,14 @@ def vizkit_model_file(tmp_path, vizkit_model) -> Path:
 
 @pytest.fixture
 def vizkit_images(tmp_path) -> Path:
-    from vizkit.demo import write_samples
+    import shutil
+
+    from vizkit.samples import sample_photos
 
     folder = tmp_path / "images"
-    write_samples(folder)
+    folder.mkdir()
+    for photo in sample_photos():
+        shutil.copy(photo, folder / photo.name)
     return folder
 
 

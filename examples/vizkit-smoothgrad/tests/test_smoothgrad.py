@@ -1,0 +1,183 @@
+"""Tests of the smoothgrad plugin, with vizkit's plugin test kit (vizkit.testing) only.
+
+The fixtures (vizkit_model, vizkit_model_file, vizkit_images, vizkit_context, vizkit_cli,
+vizkit_plugin) come from vizkit's pytest11 entry point: no conftest.py. The last two
+tests need the package installed (``pip install -e examples/vizkit-smoothgrad``) and are
+skipped otherwise.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import vizkit_smoothgrad
+from vizkit_smoothgrad import TECHNIQUE, smoothgrad
+
+
+def unit(x):
+    return x / 255.0
+
+
+def _installed() -> bool:
+    try:
+        importlib.metadata.distribution("vizkit-smoothgrad")
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    return True
+
+
+needs_install = pytest.mark.skipif(
+    not _installed(),
+    reason="vizkit-smoothgrad is not installed, so its entry point cannot be discovered "
+    "(pip install -e examples/vizkit-smoothgrad)",
+)
+
+#: Only the plugins a test registers with vizkit_plugin (no installed ones), so the
+#: module is not registered twice once the package is installed.
+NO_INSTALLED_PLUGINS = {"VIZKIT_LOAD_PLUGINS": ""}
+
+
+@pytest.fixture
+def pixels(vizkit_context):
+    """The three sample images at the tiny model's size, N×32×32×3 in 0-255."""
+    return np.stack([image.array for image in vizkit_context().images])
+
+
+def gradients(model, x: np.ndarray, classes) -> np.ndarray:
+    """d score[class] / d pixels for each row of ``x``, straight from a GradientTape."""
+    x = tf.constant(x, dtype=tf.float32)
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        scores = model(unit(x), training=False)
+        chosen = tf.gather(scores, tf.constant(classes, dtype=tf.int32), axis=1, batch_dims=1)
+    return tape.gradient(chosen, x).numpy()
+
+
+def normalized_saliency(grad: np.ndarray) -> np.ndarray:
+    """max over channels of |grad| (…×H×W×C), each map divided by its max."""
+    saliency = np.abs(grad).max(axis=-1)
+    return saliency / saliency.max(axis=(-2, -1), keepdims=True)
+
+
+# -- the computation ------------------------------------------------------------
+
+
+def test_one_sample_without_noise_is_the_vanilla_gradient(vizkit_model, pixels):
+    maps, classes = smoothgrad(vizkit_model, pixels, samples=1, noise=0.0, preprocess=unit)
+
+    top1 = np.argmax(vizkit_model.predict(unit(pixels), verbose=0), axis=-1)
+    np.testing.assert_array_equal(classes, top1)
+    expected = normalized_saliency(gradients(vizkit_model, pixels, top1))
+    assert maps.shape == (3, 32, 32) and maps.dtype == np.float32
+    np.testing.assert_allclose(maps, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_noisy_maps_match_a_direct_numpy_reimplementation(vizkit_model, pixels):
+    samples, noise, seed, classes = 3, 0.2, 7, [1, 3, 0]
+    # batch=2 splits each image's 3 noisy copies into two passes.
+    maps, used = smoothgrad(
+        vizkit_model, pixels, classes=classes, samples=samples, noise=noise, seed=seed,
+        preprocess=unit, batch=2,
+    )
+    np.testing.assert_array_equal(used, classes)
+
+    for image, cls, got in zip(pixels, classes, maps):
+        sigma = np.float32(noise * (image.max() - image.min()))
+        eps = np.random.default_rng(seed).standard_normal((samples, *image.shape), dtype=np.float32) * sigma
+        per_sample = [gradients(vizkit_model, (image + e)[None], [cls])[0] for e in eps]
+        expected = normalized_saliency(np.mean(per_sample, axis=0))
+        np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
+
+    # The noise matters, and the seed makes it reproducible.
+    again, _ = smoothgrad(vizkit_model, pixels, classes=classes, samples=samples, noise=noise, seed=seed, preprocess=unit)
+    other, _ = smoothgrad(vizkit_model, pixels, classes=classes, samples=samples, noise=noise, seed=seed + 1, preprocess=unit)
+    np.testing.assert_allclose(again, maps, rtol=1e-5, atol=1e-6)
+    assert not np.allclose(other, maps)
+
+
+def test_a_model_that_is_not_a_classifier_is_refused(pixels):
+    inputs = keras.Input((32, 32, 3))
+    feature_map = keras.layers.Conv2D(4, 3, padding="same", name="conv")(inputs)
+    model = keras.Model(inputs, feature_map, name="segmenter")
+    with pytest.raises(ValueError, match="needs a classifier.*segmenter"):
+        smoothgrad(model, pixels, samples=1)
+
+
+# -- the technique --------------------------------------------------------------
+
+
+def test_run_gives_one_normalized_map_per_image(vizkit_context):
+    context = vizkit_context(TECHNIQUE.resolve_params({"samples": "2"}))
+    context.labels = ["circle", "square", "triangle", "star"]
+    artifacts = TECHNIQUE.run(context)
+
+    assert [a.image_id for a in artifacts] == [image.id for image in context.images]
+    for artifact, image in zip(artifacts, context.images):
+        assert artifact.array.shape == (32, 32) and artifact.array.dtype == np.float32
+        assert artifact.array.min() >= 0 and artifact.array.max() == pytest.approx(1.0)
+        assert artifact.picture.dtype == np.uint8 and artifact.picture.ndim == 3
+        assert artifact.picture.shape[0] == image.display.shape[0]
+        top1 = image.predictions[0]["index"] if image.predictions else None
+        assert artifact.title.startswith(f"{image.id} · class ")
+        if top1 is not None:
+            assert artifact.title.endswith(f"{top1} {context.labels[top1]}")
+    assert context.notes  # says how the maps were made
+
+
+def test_cli_run_with_the_plugin_registered(vizkit_plugin, vizkit_cli, vizkit_model_file, vizkit_images, tmp_path):
+    vizkit_plugin(vizkit_smoothgrad)
+    out = tmp_path / "out"
+    result = vizkit_cli(
+        "run", vizkit_model_file, vizkit_images, "-t", "smoothgrad", "-s", "smoothgrad.samples=4", "-o", out,
+        env=NO_INSTALLED_PLUGINS,
+    )
+    assert result.exit_code == 0, result.output
+
+    report = json.loads((out / "report.json").read_text(encoding="utf-8"))
+    (technique,) = [t for t in report["techniques"] if t["name"] == "smoothgrad"]
+    assert technique["status"] == "ok", technique["error"]
+    assert technique["plugin"] == "vizkit_smoothgrad"
+    assert technique["params"]["samples"] == 4
+    assert len(technique["artifacts"]) == 3
+    assert 'id="technique-smoothgrad"' in (out / "index.html").read_text(encoding="utf-8")
+
+
+# -- installed: discovery through the entry point ---------------------------------
+
+
+@needs_install
+def test_the_entry_point_is_discovered(vizkit_cli):
+    (entry,) = [e for e in importlib.metadata.entry_points(group="vizkit") if e.name == "smoothgrad"]
+    assert entry.value == "vizkit_smoothgrad"
+
+    result = vizkit_cli("plugins", "--json", env={"VIZKIT_LOAD_PLUGINS": None})
+    assert result.exit_code == 0, result.output
+    (row,) = [row for row in json.loads(result.stdout) if row["name"] == "smoothgrad"]
+    assert row["status"] == "ok", row["error"]
+    assert row["origin"] == "entry point"
+    assert row["where"] == "vizkit-smoothgrad"
+    assert row["version"] == "0.1.0"
+    assert row["techniques"] == ["smoothgrad"]
+
+
+@needs_install
+def test_cli_run_through_the_entry_point(vizkit_cli, vizkit_model_file, vizkit_images, tmp_path):
+    out = tmp_path / "out"
+    result = vizkit_cli(
+        "run", vizkit_model_file, vizkit_images, "-t", "smoothgrad", "-s", "smoothgrad.samples=2", "-o", out,
+        env={"VIZKIT_LOAD_PLUGINS": None},
+    )
+    assert result.exit_code == 0, result.output
+
+    report = json.loads((out / "report.json").read_text(encoding="utf-8"))
+    (technique,) = [t for t in report["techniques"] if t["name"] == "smoothgrad"]
+    assert technique["status"] == "ok", technique["error"]
+    assert technique["plugin"] == "smoothgrad"  # the entry point's name
+    assert len(technique["artifacts"]) == 3
+    assert 'id="technique-smoothgrad"' in (out / "index.html").read_text(encoding="utf-8")
