@@ -25,4 +25,5 @@ def run_demo(outdir: Path | None = None, progress: Callable[[str], None] = lambd
     """Write the demo report; returns (report, path of index.html) like ``vizkit.runner.run``."""
     from vizkit.runner import RunOptions, run
 
-    return run(MODEL, sample_photos(), RunOptions(settings=SETTINGS), outdir, progress=progress)
+    options = RunOptions(techniques=list(SETTINGS), settings=SETTINGS)  # the built-ins only
+    return run(MODEL, sample_photos(), options, outdir, progress=progress)

@@ -66,6 +66,12 @@ class TechniqueRecord:
     notes: list[str] = field(default_factory=list)
     artifacts: list[ArtifactRecord] = field(default_factory=list)
 
+    @property
+    def one_per_image(self) -> bool:
+        """Each image has at most one artifact (then the report lays them out side by side)."""
+        ids = [a.image_id for a in self.artifacts]
+        return len(ids) == len(set(ids))
+
     def to_json(self, arrays_saved: bool) -> dict:
         return {
             "name": self.name,
