@@ -8,6 +8,7 @@ import tensorflow as tf
 from vizkit import hookimpl
 from vizkit.graph import LayerInfo, ModelGraph
 from vizkit.imaging import overlay_heatmap
+from vizkit.labels import class_index, describe_class, describe_predictions
 from vizkit.technique import Artifact, Option, RunContext, Technique
 
 
@@ -55,18 +56,6 @@ def gradcam(
     return heatmaps.astype("float32"), targets.numpy()
 
 
-def _parse_class(value: str, labels: list[str] | None, classes: int) -> int:
-    if value.strip().lstrip("-").isdigit():
-        index = int(value)
-    elif labels and value in labels:
-        index = labels.index(value)
-    else:
-        raise ValueError(f"gradcam.class: {value!r} is neither a class index nor one of the model's labels")
-    if not 0 <= index < classes:
-        raise ValueError(f"gradcam.class: {index} is outside 0-{classes - 1}")
-    return index
-
-
 def run(context: RunContext) -> list[Artifact]:
     params, graph = context.params, context.model
     if not graph.is_classifier:
@@ -76,7 +65,13 @@ def run(context: RunContext) -> list[Artifact]:
     else:
         path, why = default_layer(graph)
         context.note(f"layer: {path}, {why}")
-    target = None if params["class"] is None else _parse_class(params["class"], context.labels, graph.output_shape[0])
+    if params["class"] is None:
+        target = None
+    else:
+        try:
+            target = class_index(params["class"], context.labels, graph.output_shape[0])
+        except ValueError as error:
+            raise ValueError(f"gradcam.class: {error}") from None
     artifacts = []
     for images, batch in context.batches(params["batch"]):
         context.progress(f"{len(images)} image(s)")
@@ -86,25 +81,15 @@ def run(context: RunContext) -> list[Artifact]:
                 context.note(f"{image.id}: the heatmap is all zero (no positive evidence for class {cls} at {path})")
             artifacts.append(
                 Artifact(
-                    title=f"{image.id} · class {_label(int(cls), context.labels)}",
+                    title=f"{image.id} · class {describe_class(int(cls), context.labels)}",
                     array=heatmap,
                     picture=overlay_heatmap(image.display, heatmap, params["alpha"]),
                     image_id=image.id,
                     layer=path,
-                    caption=_predictions_caption(image.predictions[: params["top"]]),
+                    caption=describe_predictions(image.predictions[: params["top"]]),
                 )
             )
     return artifacts
-
-
-def _label(index: int, labels: list[str] | None) -> str:
-    return f"{index} {labels[index]}" if labels and index < len(labels) else str(index)
-
-
-def _predictions_caption(predictions: list[dict]) -> str:
-    return "; ".join(
-        f"{p['index']}{' ' + p['label'] if p['label'] else ''}: {p['score']:.3f}" for p in predictions
-    )
 
 
 TECHNIQUE = Technique(

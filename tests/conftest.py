@@ -33,16 +33,22 @@ def build_nested(size: int = 32, classes: int = 3) -> keras.Model:
 
 
 @pytest.fixture(autouse=True, scope="session")
-def _cache_in_a_temporary_folder(tmp_path_factory):
-    """Converted models go to a folder of this test session, never the user's cache."""
-    folder = tmp_path_factory.mktemp("vizkit-cache")
-    saved = os.environ.get("VIZKIT_CACHE_DIR")
-    os.environ["VIZKIT_CACHE_DIR"] = str(folder)
-    yield folder
-    if saved is None:
-        del os.environ["VIZKIT_CACHE_DIR"]
-    else:
-        os.environ["VIZKIT_CACHE_DIR"] = saved
+def _isolated_environment(tmp_path_factory):
+    """Converted models go to a folder of this test session, never the user's cache, and
+    plugins installed in the environment (the example package, say) stay out of the
+    runs: tests of entry points turn them back on with monkeypatch.delenv."""
+    settings = {
+        "VIZKIT_CACHE_DIR": str(tmp_path_factory.mktemp("vizkit-cache")),
+        "VIZKIT_LOAD_PLUGINS": "",
+    }
+    saved = {name: os.environ.get(name) for name in settings}
+    os.environ.update(settings)
+    yield
+    for name, value in saved.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
 
 
 @pytest.fixture

@@ -195,7 +195,7 @@ def test_rerun_into_same_outdir_replaces_the_files(tmp_path, model_file, picture
     assert result.exit_code == 0, result.output
 
     assert sorted(p.name for p in outdir.iterdir()) == ["index.html", "report.json"]
-    assert not list(outdir.glob(".*.tmp"))
+    assert not list(outdir.glob(".*.tmp-*"))
     data = read_json(outdir)
     assert [t["name"] for t in data["techniques"]] == ["gradcam"]
     assert [image["id"] for image in data["images"]] == ["a"]

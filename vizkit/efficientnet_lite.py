@@ -30,12 +30,12 @@ from __future__ import annotations
 import hashlib
 import importlib.resources
 import os
-import tempfile
 from pathlib import Path
 
 import keras
 import numpy as np
 
+from vizkit.files import atomic_path
 from vizkit.pth import load_state_dict
 
 __all__ = [
@@ -271,17 +271,6 @@ def _read_cache(model_path: Path, hash_path: Path) -> keras.Model | None:
         return None
 
 
-def _write_atomically(directory: Path, final: Path, write) -> None:
-    fd, temp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=final.suffix, dir=directory)
-    os.close(fd)
-    try:
-        write(Path(temp))
-        os.replace(temp, final)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
-
-
 def cached_model(cache_dir: str | os.PathLike | None = None) -> keras.Model:
     """EfficientNet-Lite0, converted once and then loaded from ``<cache>/efficientnet-lite0-v1.keras``.
 
@@ -302,12 +291,11 @@ def cached_model(cache_dir: str | os.PathLike | None = None) -> keras.Model:
     model = efficientnet_lite0()
     try:
         directory.mkdir(parents=True, exist_ok=True)
-        _write_atomically(directory, model_path, lambda temp: model.save(temp))
+        with atomic_path(model_path) as temp:
+            model.save(temp)
         digest = _sha256(model_path)
-        _write_atomically(
-            directory, hash_path,
-            lambda temp: temp.write_text(f"{digest}  {CACHE_FILE}\n", encoding="ascii"),
-        )
+        with atomic_path(hash_path) as temp:
+            temp.write_text(f"{digest}  {CACHE_FILE}\n", encoding="ascii")
     except OSError:
         pass  # a read-only or full disk costs a conversion per run, nothing more
     return model

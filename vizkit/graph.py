@@ -123,7 +123,7 @@ class ModelGraph:
             if not isinstance(tensor, (list, tuple, dict))
         ]
         self._by_path = {info.path: info for info in self.layers}
-        self._predictor: keras.Model | None = None
+        self._output_model: keras.Model | None = None
         self._free: ModelGraph | None = self if free_size else None
 
     def free_size(self) -> "ModelGraph":
@@ -211,14 +211,22 @@ class ModelGraph:
     # -- running -----------------------------------------------------------
 
     def probe(self, paths: list[str], with_output: bool = False) -> keras.Model:
-        """A model from the input to the outputs of ``paths`` (and the model's output)."""
+        """A model from the input to the outputs of ``paths`` (and the model's output).
+
+        Like any Keras model it returns a list for several outputs, a tensor for one.
+        """
         outputs = [self._tensors[path] for path in paths]
         if with_output:
             outputs.append(self._output)
         return keras.Model(self._input, outputs)
 
+    @property
+    def output_model(self) -> keras.Model:
+        """The model from its input to its (first) output; differentiable, returns a tensor."""
+        if self._output_model is None:
+            self._output_model = keras.Model(self._input, self._output)
+        return self._output_model
+
     def predict(self, batch: np.ndarray) -> np.ndarray:
-        """The model's (first) output for a preprocessed batch."""
-        if self._predictor is None:
-            self._predictor = keras.Model(self._input, self._output)
-        return keras.ops.convert_to_numpy(self._predictor(batch, training=False))
+        """The model's (first) output for a preprocessed batch, as NumPy."""
+        return keras.ops.convert_to_numpy(self.output_model(batch, training=False))

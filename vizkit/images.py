@@ -103,6 +103,17 @@ def load(
     return result
 
 
+def load_all(
+    paths: list[Path], channels: int, size: tuple[int, int] | None, progress=lambda message: None
+) -> list[LoadedImage]:
+    """:func:`load` for each path, with ids from :func:`unique_ids`."""
+    loaded = []
+    for image_id, path in zip(unique_ids(paths), paths):
+        progress(f"reading {path}")
+        loaded.append(load(path, image_id, channels, size))
+    return loaded
+
+
 def _decode(path: Path, notes: list[str]) -> Image.Image:
     with warnings.catch_warnings():
         # Pillow only warns between its limit and twice that; refuse both the same way.

@@ -9,8 +9,6 @@ from __future__ import annotations
 import base64
 import io
 import json
-import os
-import tempfile
 import zipfile
 from dataclasses import dataclass, field
 from importlib import resources
@@ -20,6 +18,7 @@ import jinja2
 import numpy as np
 from PIL import Image
 
+from vizkit.files import atomic_path
 from vizkit.report import Report
 
 #: Pictures narrower than this are scaled up (nearest neighbour) by an integer factor.
@@ -73,17 +72,8 @@ def render_html(report: Report, theme: Theme | None = None) -> str:
 
 
 def _write_atomic(path: Path, write) -> None:
-    handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            write(stream)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(temp, 0o666 & ~umask)  # mkstemp makes it private; a report is not
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as temp, open(temp, "wb") as stream:
+        write(stream)
 
 
 def _write_npz(stream, arrays: dict[str, np.ndarray]) -> None:

@@ -112,6 +112,15 @@ def top_predictions(scores: np.ndarray, labels: list[str] | None, k: int = TOP_P
     ]
 
 
+def add_predictions(graph, images: list, preprocess, labels: list[str] | None) -> None:
+    """Fill in each image's top predictions, when the model is a classifier."""
+    if not graph.is_classifier:
+        return
+    for batch_images, batch in RunContext(graph, images, {}, preprocess).batches(16):
+        for image, scores in zip(batch_images, graph.predict(batch)):
+            image.predictions = top_predictions(scores, labels)
+
+
 def run(
     model: str,
     inputs: list[str | Path],
@@ -159,12 +168,12 @@ def run(
     labels = labels or loaded.labels
 
     size = graph.fixed_size or ((options.size, options.size) if options.size else None)
-    images = _read_images(files, graph.channels, size, progress)
+    images = image_io.load_all(files, graph.channels, size, progress)
+    for image in images:
+        if image.error:
+            print(f"vizkit: {image.path}: {image.error}", file=sys.stderr)
     good = [image for image in images if image.ok]
-    if graph.is_classifier and good:
-        for batch_images, batch in RunContext(graph, good, {}, preprocess).batches(16):
-            for image, scores in zip(batch_images, graph.predict(batch)):
-                image.predictions = top_predictions(scores, labels)
+    add_predictions(graph, good, preprocess, labels)
 
     records = [
         _run_technique(registered, RunContext(graph, good, params[registered.technique.name], preprocess, labels), progress)
@@ -213,17 +222,6 @@ def _apply_report_hooks(pm, report: Report) -> render.Theme:
     for error in report.plugin_errors:
         print(f"vizkit: {error}", file=sys.stderr)
     return render.Theme([text for _, text in css], [Path(folder) for _, folder in folders])
-
-
-def _read_images(files: list[Path], channels: int, size, progress) -> list[image_io.LoadedImage]:
-    images = []
-    for image_id, path in zip(image_io.unique_ids(files), files):
-        progress(f"reading {path}")
-        image = image_io.load(path, image_id, channels, size)
-        if image.error:
-            print(f"vizkit: {path}: {image.error}", file=sys.stderr)
-        images.append(image)
-    return images
 
 
 def _image_record(image: image_io.LoadedImage) -> ImageRecord:

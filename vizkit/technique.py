@@ -122,16 +122,21 @@ class RunContext:
         """Tell the reader something about this run (shown in the technique's section)."""
         self.notes.append(message)
 
-    def batches(self, size: int) -> Iterator[tuple[list, np.ndarray]]:
-        """(images, preprocessed batch) for runs of up to ``size`` images of equal shape."""
+    def batches(self, size: int, preprocessed: bool = True) -> Iterator[tuple[list, np.ndarray]]:
+        """(images, batch) for runs of up to ``size`` images of equal shape.
+
+        The batch is preprocessed for the model, or 0-255 pixels with ``preprocessed=False``
+        (for techniques that differentiate through ``preprocess`` themselves).
+        """
+        prepare = self.preprocess if preprocessed else (lambda x: x)
         group: list = []
         for image in self.images:
             if group and (len(group) == size or image.array.shape != group[0].array.shape):
-                yield group, self.preprocess(np.stack([g.array for g in group]))
+                yield group, prepare(np.stack([g.array for g in group]))
                 group = []
             group.append(image)
         if group:
-            yield group, self.preprocess(np.stack([g.array for g in group]))
+            yield group, prepare(np.stack([g.array for g in group]))
 
 
 @dataclass(frozen=True)

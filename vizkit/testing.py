@@ -61,21 +61,27 @@ def vizkit_images(tmp_path) -> Path:
 
 @pytest.fixture
 def vizkit_context(vizkit_model, vizkit_images):
-    """``make(params={}, preprocess=unit)`` → a RunContext on the tiny model and the images."""
+    """``make(technique=None, params=None, preprocess=unit, labels=None)`` → a RunContext.
+
+    As in a real run: the tiny model, the images with their predictions, and, given a
+    technique, ``params`` validated and completed with its defaults.
+    """
     from vizkit import images as image_io
     from vizkit.graph import ModelGraph
     from vizkit.preprocess import unit
+    from vizkit.runner import add_predictions
     from vizkit.technique import RunContext
 
     graph = ModelGraph(vizkit_model)
     files, _ = image_io.collect([vizkit_images])
-    loaded = [
-        image_io.load(path, image_id, graph.channels, graph.fixed_size)
-        for image_id, path in zip(image_io.unique_ids(files), files)
-    ]
+    loaded = image_io.load_all(files, graph.channels, graph.fixed_size)
 
-    def make(params: dict | None = None, preprocess=unit) -> RunContext:
-        return RunContext(graph, loaded, dict(params or {}), preprocess)
+    def make(technique=None, params: dict | None = None, preprocess=unit, labels=None) -> RunContext:
+        params = dict(params or {})
+        if technique is not None:
+            params = technique.resolve_params(params)
+        add_predictions(graph, loaded, preprocess, labels)
+        return RunContext(graph, loaded, params, preprocess, labels)
 
     return make
 

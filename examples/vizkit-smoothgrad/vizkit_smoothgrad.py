@@ -37,6 +37,8 @@ __version__ = "0.1.0"
 #: Gap between the overlay and the grayscale map in the report's picture, in pixels.
 GAP = 4
 ALPHA = 0.5
+#: The picture caps the map at this percentile (the paper's visualization); see display_scale.
+DISPLAY_PERCENTILE = 99.0
 
 
 def identity(x):
@@ -50,8 +52,14 @@ _FORWARD: "weakref.WeakKeyDictionary[ModelGraph, object]" = weakref.WeakKeyDicti
 
 def _forward(graph: ModelGraph):
     if graph not in _FORWARD:
-        probe = graph.probe([], with_output=True)  # outputs: [model output]
-        _FORWARD[graph] = lambda x: probe(x, training=False)[0]
+        probe = graph.probe([], with_output=True)
+
+        def forward(x):
+            out = probe(x, training=False)
+            # Keras returns a one-output model's output bare or as a one-element list.
+            return out[0] if isinstance(out, (list, tuple)) else out
+
+        _FORWARD[graph] = forward
     return _FORWARD[graph]
 
 
@@ -147,11 +155,27 @@ def _resize_nearest(array: np.ndarray, height: int, width: int) -> np.ndarray:
     return array[rows[:, None], cols[None, :]]
 
 
+def display_scale(saliency: np.ndarray, percentile: float = DISPLAY_PERCENTILE) -> np.ndarray:
+    """The map as shown: capped at its 99th percentile and stretched to [0, 1].
+
+    A few pixels with the largest gradients would otherwise leave the rest of the map
+    black; the paper's figures cap the same way. Only the picture is scaled so; the
+    artifact's array keeps the map divided by its maximum.
+    """
+    cap = float(np.percentile(saliency, percentile)) if saliency.size else 0.0
+    if cap <= 0:
+        cap = float(saliency.max())
+    if cap <= 0:
+        return np.zeros_like(saliency, dtype=np.float32)
+    return np.clip(saliency / cap, 0, 1).astype(np.float32)
+
+
 def picture(display: np.ndarray, saliency: np.ndarray, alpha: float = ALPHA) -> np.ndarray:
     """The report's picture: the JET overlay on the photo, and the map in grayscale beside it."""
-    overlay = overlay_heatmap(display, saliency, alpha)
+    shown = display_scale(saliency)
+    overlay = overlay_heatmap(display, shown, alpha)
     height, width = overlay.shape[:2]
-    gray = np.uint8(np.round(255 * np.clip(_resize_nearest(saliency, height, width), 0, 1)))
+    gray = np.uint8(np.round(255 * _resize_nearest(shown, height, width)))
     out = np.full((height, 2 * width + GAP, 3), 255, dtype=np.uint8)
     out[:, :width] = overlay
     out[:, width + GAP :] = gray[..., None]
