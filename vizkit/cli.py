@@ -10,7 +10,7 @@ from pathlib import Path
 import click
 
 from vizkit import __version__, host
-from vizkit.config import ConfigError, load_settings, merge
+from vizkit.config import ConfigError, load_settings
 from vizkit.runner import RunOptions, UsageError
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -110,7 +110,8 @@ def run(model, inputs, techniques, outdir, preprocess, settings, weights, size, 
         raise click.UsageError(str(error)) from None
     options = RunOptions(
         techniques=list(techniques),
-        settings=merge(configured, _parse_settings(settings)),
+        settings=_parse_settings(settings),
+        config=configured,
         plugins=list(plugins),
         disabled_plugins=list(disabled),
         preprocess=preprocess,

@@ -73,8 +73,8 @@ class PluginHost(pluggy.PluginManager):
         try:
             self.register(plugin, name=name)
             self.check_pending()  # a misspelled hook name fails here, not silently later
-        except pluggy.PluginValidationError as error:
-            if self.is_registered(plugin):
+        except (pluggy.PluginValidationError, ValueError) as error:  # ValueError: a name taken twice
+            if self.is_registered(plugin) and self.get_name(plugin) == name:
                 self.unregister(plugin)
             raise PluginError(f"plugin {name} ({origin.where}): {error}") from None
         self.origins[name] = origin
@@ -113,7 +113,9 @@ def plugin_manager(
     for name, plugin in TEST_PLUGINS.items():
         if not host.is_registered(plugin):  # an installed plugin under test is loaded already
             host.add(plugin, name, Origin("test", name, "0"))
-    techniques(host)  # a technique name registered twice fails here, with both plugins named
+    # A technique or model scheme registered twice fails here, naming both plugins.
+    techniques(host)
+    model_loaders(host)
     return host
 
 
@@ -241,7 +243,7 @@ def call_each(pm: pluggy.PluginManager, hook_name: str, **kwargs) -> tuple[list[
     returns ([(plugin, result) for results that are not None], [error summaries]).
     """
     results, errors = [], []
-    for impl in reversed(getattr(pm.hook, hook_name).get_hookimpls()):
+    for impl in getattr(pm.hook, hook_name).get_hookimpls():
         try:
             result = impl.function(**{name: kwargs[name] for name in impl.argnames})
         except Exception as error:  # someone else's plugin: report it, keep going

@@ -19,6 +19,7 @@ from typing import Callable
 import numpy as np
 
 from vizkit import __version__, host, images as image_io, preprocess as preprocessing, render
+from vizkit.config import merge
 from vizkit.labels import LabelsError, read_labels
 from vizkit.report import ArtifactRecord, ImageRecord, Report, TechniqueRecord
 from vizkit.technique import OptionError, RunContext, suggest
@@ -36,7 +37,9 @@ class RunOptions:
     """Everything a run needs besides the model and the images; the CLI fills it from flags."""
 
     techniques: list[str] = field(default_factory=list)
-    settings: dict[str, dict[str, object]] = field(default_factory=dict)  # technique → key → value
+    settings: dict[str, dict[str, object]] = field(default_factory=dict)  # -s: technique → key → value
+    # From a config file: like settings, but options of techniques not selected are allowed.
+    config: dict[str, dict[str, object]] = field(default_factory=dict)
     plugins: list[str] = field(default_factory=list)  # -p: plugin files or modules
     disabled_plugins: list[str] = field(default_factory=list)
     preprocess: str | None = None
@@ -79,6 +82,9 @@ def plan(options: RunOptions, pm=None):
     except KeyError as error:
         raise UsageError(str(error.args[0])) from None
     chosen = {registered.technique.name for registered in selected}
+    for name in options.config:
+        if name not in available:
+            raise UsageError(f"config: no technique {name!r} is installed; installed: {suggest(name, list(available))}")
     for name in options.settings:
         if name not in chosen:
             where = "installed" if name not in available else "selected"
@@ -87,8 +93,12 @@ def plan(options: RunOptions, pm=None):
                 f"{where}: {suggest(name, sorted(chosen if name in available else available))}"
             )
     try:
+        for name, values in options.config.items():  # checked even where not selected: typos show
+            available[name].technique.resolve_params(values)
         params = {
-            r.technique.name: r.technique.resolve_params(options.settings.get(r.technique.name, {}))
+            r.technique.name: r.technique.resolve_params(
+                merge(options.config, options.settings).get(r.technique.name, {})
+            )
             for r in selected
         }
     except OptionError as error:

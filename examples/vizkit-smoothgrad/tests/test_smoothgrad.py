@@ -113,8 +113,7 @@ def test_a_model_that_is_not_a_classifier_is_refused(pixels):
 
 
 def test_run_gives_one_normalized_map_per_image(vizkit_context):
-    context = vizkit_context(TECHNIQUE.resolve_params({"samples": "2"}))
-    context.labels = ["circle", "square", "triangle", "star"]
+    context = vizkit_context(TECHNIQUE, {"samples": "2"}, labels=["circle", "square", "triangle", "star"])
     artifacts = TECHNIQUE.run(context)
 
     assert [a.image_id for a in artifacts] == [image.id for image in context.images]
