@@ -273,6 +273,16 @@ def test_not_a_list_labels_file_is_a_usage_error(tmp_path, model_file, pictures,
     assert not outdir.exists()
 
 
+def test_labels_file_with_the_wrong_number_of_classes_is_a_usage_error(tmp_path, model_file, pictures, no_epoch):
+    labels = tmp_path / "labels.txt"
+    labels.write_text("cat\ndog\n", encoding="utf-8")  # the tiny model has 4 classes
+    outdir = tmp_path / "out"
+    result = invoke("run", model_file, pictures, "-o", outdir, "-t", "gradcam", "--labels", labels)
+    assert result.exit_code == 2
+    assert "2 class names" in result.stderr and "4 classes" in result.stderr
+    assert not outdir.exists()
+
+
 def test_default_outdir_is_new_under_reports(tmp_path, model_file, pictures, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("SOURCE_DATE_EPOCH", str(EPOCH))  # same time stamp: the names would collide

@@ -1,7 +1,7 @@
 """Apply techniques to a model and images, and write the report: the Python API behind the CLI.
 
-    from vizkit.runner import run
-    report, index = run("model.keras", ["photos/"], techniques=["gradcam"])
+    from vizkit.runner import RunOptions, run
+    report, index = run("model.keras", ["photos/"], RunOptions(techniques=["gradcam"]))
 """
 
 from __future__ import annotations
@@ -175,6 +175,11 @@ def run(
         preprocess_name, preprocess_reason = loaded.preprocess, loaded.preprocess_reason
     else:
         preprocess_name, preprocess_reason = options.preprocess, "chosen with --preprocess"
+    if labels and graph.is_classifier and len(labels) != graph.output_shape[0]:
+        raise UsageError(
+            f"--labels {options.labels} has {len(labels)} class names, but the model has "
+            f"{graph.output_shape[0]} classes"
+        )
     labels = labels or loaded.labels
 
     size = graph.fixed_size or ((options.size, options.size) if options.size else None)
