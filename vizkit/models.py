@@ -129,7 +129,8 @@ def _load_application(short: str, weights: str) -> LoadedModel:
         raise ModelLoadError(
             f"cannot get the ImageNet weights of {short} ({error}). Keras downloads them "
             "on first use, which needs the internet; run once online to cache them in "
-            "~/.keras/models, or pass --weights none for random weights"
+            "~/.keras/models, pass --weights none for random weights, or use efficientnet-lite0, "
+            "a pretrained ImageNet model that ships with vizkit"
         ) from error
     reason = f"the preprocessing keras.applications uses for {constructor_name}"
     labels = imagenet_labels() if weights == "imagenet" else None
