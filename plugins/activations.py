@@ -11,7 +11,7 @@ from vizkit.technique import Artifact, Option, RunContext, Technique
 
 
 def _usable(info: LayerInfo) -> bool:
-    return info.spatial and not info.nested_model
+    return info.feature_map
 
 
 def default_layers(graph: ModelGraph, max_layers: int) -> list[str]:
@@ -84,6 +84,7 @@ TECHNIQUE = Technique(
     name="activations",
     run=run,
     description="Feature maps of convolution and pooling layers for each image, one grid per layer.",
+    accepts=_usable,
     options=(
         Option("layers", list, [], "layers to show (comma list of names or paths); default: conv and pooling layers"),
         Option("max_layers", int, 16, "default layers are spread evenly to at most this many (0: all)", minimum=0),

@@ -142,10 +142,11 @@ TECHNIQUE = Technique(
     name="filters",
     run=run,
     description="The input pattern each filter of a conv layer responds to most, by gradient ascent.",
+    accepts=_usable,
     options=(
         Option("layers", list, [], "conv layers (comma list); default: first conv of each block"),
         Option("count", int, 64, "filters per layer, from the first", minimum=1),
-        Option("size", int, 150, "pattern size in pixels (models with a fixed input use theirs)", minimum=8),
+        Option("size", int, 150, "pattern size in pixels (any size, even on models with a fixed input)", minimum=8),
         Option("steps", int, 40, "gradient ascent steps", minimum=0),
         Option("step", float, 1.0, "step size on the RMS-normalized gradient", minimum=0),
         Option("seed", int, 0, "seed of the starting noise"),

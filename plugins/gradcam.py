@@ -13,7 +13,7 @@ from vizkit.technique import Artifact, Option, RunContext, Technique
 
 
 def _usable(info: LayerInfo) -> bool:
-    return info.spatial and not info.nested_model
+    return info.feature_map and info.feeds_output
 
 
 def default_layer(graph: ModelGraph) -> tuple[str, str]:
@@ -43,6 +43,7 @@ def gradcam(
     x = tf.convert_to_tensor(batch, dtype=tf.float32)
     with tf.GradientTape() as tape:
         features, scores = probe(x, training=False)
+        scores = graph.expand_scores(scores)
         if classes is None:
             targets = tf.argmax(scores, axis=-1, output_type=tf.int32)
         else:
@@ -69,7 +70,7 @@ def run(context: RunContext) -> list[Artifact]:
         target = None
     else:
         try:
-            target = class_index(params["class"], context.labels, graph.output_shape[0])
+            target = class_index(params["class"], context.labels, graph.num_classes)
         except ValueError as error:
             raise ValueError(f"gradcam.class: {error}") from None
     artifacts = []
@@ -96,6 +97,7 @@ TECHNIQUE = Technique(
     name="gradcam",
     run=run,
     description="Grad-CAM heatmaps of where in each image the predicted (or chosen) class comes from.",
+    accepts=_usable,
     options=(
         Option("layer", str, None, "layer to explain; default: the last feature-map layer before the classifier"),
         Option("class", str, None, "class index or label to explain; default: each image's top-1 class"),

@@ -341,9 +341,10 @@ def test_layers_lists_conv_layers_with_shapes_and_uses(model_file):
     assert rows["conv2"]["shape"] == [16, 16, 16]
     assert rows["conv2"] == {
         "path": "conv2", "kind": "Conv2D", "shape": [16, 16, 16],
-        "activations": True, "filters": True, "gradcam": True,
+        "techniques": ["activations", "filters", "gradcam"],
     }
-    assert rows["pool1"]["filters"] is False and rows["pool1"]["activations"] is True
+    assert rows["pool1"]["techniques"] == ["activations", "gradcam"]
+    assert rows["predictions"]["techniques"] == []
 
 
 def test_layers_of_nested_model_by_path(tmp_path):
@@ -352,9 +353,9 @@ def test_layers_of_nested_model_by_path(tmp_path):
     result = invoke("layers", path, "--json")
     assert result.exit_code == 0, result.output
     rows = {row["path"]: row for row in json.loads(result.stdout)}
-    assert rows["base/base_conv1"]["filters"] is True
+    assert "filters" in rows["base/base_conv1"]["techniques"]
     assert rows["base/base_conv1"]["shape"] == [32, 32, 8]
-    assert rows["base"]["activations"] is False and rows["base"]["filters"] is False
+    assert rows["base"]["techniques"] == []
     text = invoke("layers", path).stdout
     assert re.search(r"^base/base_conv1\s", text, re.MULTILINE)
 

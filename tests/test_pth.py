@@ -257,6 +257,17 @@ def test_out_of_bounds_view_is_refused(tmp_path):
         load_state_dict(write_legacy(tmp_path / "bad.pth", bad, [floats]))
 
 
+def test_zero_stride_view_cannot_blow_up_memory(tmp_path):
+    """Stride 0 repeats one element; a crafted file must not turn a few bytes into gigabytes."""
+    floats = _Storage("0", "FloatStorage", FLOATS)
+    small = {"w": _Tensor(floats, 0, (3, 4), (0, 1))}  # a legitimate broadcast view
+    np.testing.assert_array_equal(load_state_dict(write_legacy(tmp_path / "ok.pth", small, [floats]))["w"],
+                                  np.broadcast_to(FLOATS[:4], (3, 4)))
+    huge = {"w": _Tensor(floats, 0, (1 << 20, 1 << 20), (0, 0))}
+    with pytest.raises(ValueError, match="from a storage of"):
+        load_state_dict(write_legacy(tmp_path / "huge.pth", huge, [floats]))
+
+
 # ---------------------------------------------------------------- the real checkpoint
 
 

@@ -139,19 +139,18 @@ def layers(model, weights, size, as_json, plugins, disabled):
     from vizkit.graph import ModelGraph
     from vizkit.models import ModelLoadError, load_model
 
-    loaders = host.model_loaders(_host(plugins, disabled))
+    pm = _host(plugins, disabled)
     try:
-        graph = ModelGraph(load_model(model, weights=weights, size=size, loaders=loaders).model)
+        graph = ModelGraph(load_model(model, weights=weights, size=size, loaders=host.model_loaders(pm)).model)
     except (ModelLoadError, ValueError) as error:
         raise click.UsageError(str(error)) from None
+    checks = {name: r.technique.accepts for name, r in host.techniques(pm).items() if r.technique.accepts}
     rows = [
         {
             "path": info.path,
             "kind": info.kind,
             "shape": list(info.shape),
-            "activations": info.spatial and not info.nested_model,
-            "filters": info.conv,
-            "gradcam": info.spatial and not info.nested_model and graph.is_classifier,
+            "techniques": [name for name, accepts in checks.items() if accepts(info)],
         }
         for info in graph.layers
     ]
@@ -160,9 +159,8 @@ def layers(model, weights, size, as_json, plugins, disabled):
         return
     width = max(len(row["path"]) for row in rows)
     for row in rows:
-        marks = " ".join(name for name in ("activations", "filters", "gradcam") if row[name])
         shape = "×".join("?" if d is None else str(d) for d in row["shape"])
-        click.echo(f"{row['path']:<{width}}  {row['kind']:<22} {shape:<14} {marks}")
+        click.echo(f"{row['path']:<{width}}  {row['kind']:<22} {shape:<14} {' '.join(row['techniques'])}")
 
 
 @main.command()
@@ -210,6 +208,9 @@ def techniques(name, plugins, disabled):
 def demo(outdir, quiet):
     """Write a report on vizkit's own demo model and sample images (works offline)."""
     from vizkit.demo import run_demo
-    report, index = run_demo(outdir, progress=_progress(quiet))
+    try:
+        report, index = run_demo(outdir, progress=_progress(quiet))
+    except UsageError as error:
+        raise click.UsageError(str(error)) from None
     click.echo(index)
     sys.exit(1 if report.failed else 0)

@@ -32,11 +32,17 @@ class LayerInfo:
     kind: str  # the layer's class name
     shape: tuple  # output shape without the batch axis
     nested_model: bool
+    feeds_output: bool = True  # on a path to the output that is explained
 
     @property
     def spatial(self) -> bool:
         """A feature-map layer (batch, height, width, channels)."""
         return len(self.shape) == 3
+
+    @property
+    def feature_map(self) -> bool:
+        """A layer of its own with a feature-map output (a nested model is its layers)."""
+        return self.spatial and not self.nested_model
 
     @property
     def conv(self) -> bool:
@@ -47,7 +53,7 @@ class LayerInfo:
         return self.spatial and "Pooling" in self.kind
 
 
-def _is_graph_model(layer) -> bool:
+def is_graph_model(layer) -> bool:
     """Models whose inner layers can be traced (subclassed models are opaque)."""
     return isinstance(layer, keras.Sequential) or (
         isinstance(layer, keras.Model) and hasattr(layer, "operations")
@@ -86,6 +92,11 @@ class ModelGraph:
         return _GRAPHS[model]
 
     def __init__(self, model: keras.Model, free_size: bool = False):
+        if not is_graph_model(model):
+            raise ValueError(
+                f"{model.name} is a subclassed model, whose layers cannot be traced; build it "
+                "as a Functional or Sequential model (keras.Input(...) → layers → keras.Model)"
+            )
         if len(model.inputs) != 1:
             raise ValueError(
                 f"{model.name} has {len(model.inputs)} inputs; vizkit needs a model "
@@ -112,18 +123,21 @@ class ModelGraph:
                 raise
             # Layers after the feature extractor (Flatten → Dense) need the fixed size;
             # everything traced before them is what a free-size graph is for.
+        self._output_model: keras.Model | None = None
+        # The model to the explained output holds just the layers that feed it.
+        feeding = {id(layer) for layer in self.output_model.layers} if self._output is not None else set()
         self.layers = [
             LayerInfo(
                 path=path,
                 kind=type(self._layers[path]).__name__,
                 shape=tuple(tensor.shape[1:]),
-                nested_model=_is_graph_model(self._layers[path]),
+                nested_model=is_graph_model(self._layers[path]),
+                feeds_output=id(self._layers[path]) in feeding,
             )
             for path, tensor in self._tensors.items()
             if not isinstance(tensor, (list, tuple, dict))
         ]
         self._by_path = {info.path: info for info in self.layers}
-        self._output_model: keras.Model | None = None
         self._free: ModelGraph | None = self if free_size else None
 
     def free_size(self) -> "ModelGraph":
@@ -139,7 +153,7 @@ class ModelGraph:
     def _trace(self, model, inputs, prefix: str):
         def call(layer, *args, **kwargs):
             path = prefix + layer.name
-            if _is_graph_model(layer):
+            if is_graph_model(layer):
                 out = self._trace(layer, args[0] if len(args) == 1 else list(args), path + "/")
             else:
                 out = layer(*args, **kwargs)
@@ -181,8 +195,22 @@ class ModelGraph:
 
     @property
     def is_classifier(self) -> bool:
-        """One score per class: (batch, classes), more than one class."""
-        return len(self.output_shape) == 1 and (self.output_shape[0] or 0) > 1
+        """One score per class, (batch, classes); or one probability, (batch, 1), for two classes."""
+        return len(self.output_shape) == 1 and (self.output_shape[0] or 0) >= 1
+
+    @property
+    def num_classes(self) -> int:
+        return 2 if self.output_shape == (1,) else int(self.output_shape[0])
+
+    def expand_scores(self, scores):
+        """Scores per class: a binary model's single probability p becomes (1 - p, p)."""
+        if self.output_shape == (1,):
+            return keras.ops.concatenate([1 - scores, scores], axis=-1)
+        return scores
+
+    def class_scores(self, batch) -> np.ndarray:
+        """Scores per class (N × num_classes) for a preprocessed batch, as NumPy."""
+        return keras.ops.convert_to_numpy(self.expand_scores(self.output_model(batch, training=False)))
 
     def __contains__(self, path: str) -> bool:
         return path in self._by_path

@@ -38,7 +38,14 @@ TEST_PLUGINS: dict[str, Any] = {}
 
 
 class PluginError(RuntimeError):
-    """A plugin could not be loaded where that is fatal (``-p``, strict mode, a name clash)."""
+    """A plugin could not be loaded where that is fatal (``-p``, strict mode, a name clash).
+
+    ``plugin`` names the plugin at fault where one plugin alone is.
+    """
+
+    def __init__(self, message: str, plugin: str | None = None):
+        super().__init__(message)
+        self.plugin = plugin
 
 
 class BrokenPluginWarning(UserWarning):
@@ -113,10 +120,24 @@ def plugin_manager(
     for name, plugin in TEST_PLUGINS.items():
         if not host.is_registered(plugin):  # an installed plugin under test is loaded already
             host.add(plugin, name, Origin("test", name, "0"))
-    # A technique or model scheme registered twice fails here, naming both plugins.
-    techniques(host)
-    model_loaders(host)
+    _check_registrations(host, strict)
     return host
+
+
+def _check_registrations(host: PluginHost, strict: bool) -> None:
+    """Run the register hooks once now: an installed plugin whose hook raises is left out
+    as broken; a name registered twice fails here, naming both plugins."""
+    while True:
+        try:
+            techniques(host)
+            model_loaders(host)
+            return
+        except PluginError as error:
+            origin = host.origins.get(error.plugin or "")
+            if strict or origin is None or origin.kind != "entry point":
+                raise
+            host.unregister(name=error.plugin)
+            host.mark_broken(error.plugin, origin, str(error), strict)
 
 
 def _load_entry_points(host: PluginHost, allowed: str | None, strict: bool) -> None:
@@ -146,7 +167,7 @@ def _load_local(spec: str) -> tuple[Any, Origin]:
             module = importlib.util.module_from_spec(loader_spec)
             sys.modules[module_name] = module  # so dataclasses and pickling inside it work
             loader_spec.loader.exec_module(module)
-            return module, Origin("path", str(path.resolve()), "local")
+            return module, Origin("path", str(path), "local")  # as given: reports stay comparable
         return importlib.import_module(spec), Origin("module", spec, "local")
     except PluginError:
         raise
@@ -167,30 +188,37 @@ class RegisteredTechnique:
     plugin: str
 
 
-def _collect(pm: pluggy.PluginManager, hook_name: str, key, kind: str) -> dict[str, tuple[Any, str]]:
+def _collect(pm: pluggy.PluginManager, hook_name: str, cls: type, key, kind: str) -> dict[str, tuple[Any, str]]:
     """What each plugin registers through the register-callback ``hook_name``, by ``key``."""
     found: dict[str, tuple[Any, str]] = {}
     for impl in getattr(pm.hook, hook_name).get_hookimpls():
 
         def register(item, plugin: str = impl.plugin_name) -> None:
+            if not isinstance(item, cls):
+                raise TypeError(f"register() takes a {cls.__name__}, not a {type(item).__name__}")
             name = key(item)
             if name in found:
                 raise PluginError(f"{kind} {name!r} of plugin {plugin} is already registered by {found[name][1]}")
             found[name] = (item, plugin)
 
-        impl.function(register=register)
+        try:
+            impl.function(register=register)
+        except PluginError:
+            raise
+        except Exception as error:
+            raise PluginError(f"plugin {impl.plugin_name}, hook {hook_name}: {_summary(error)}", impl.plugin_name) from None
     return dict(sorted(found.items()))
 
 
 def techniques(pm: pluggy.PluginManager) -> dict[str, RegisteredTechnique]:
     """Every registered technique by name, each with the plugin that registered it."""
-    found = _collect(pm, "register_techniques", lambda t: t.name, "technique")
+    found = _collect(pm, "register_techniques", Technique, lambda t: t.name, "technique")
     return {name: RegisteredTechnique(t, plugin) for name, (t, plugin) in found.items()}
 
 
 def model_loaders(pm: pluggy.PluginManager) -> dict[str, ModelLoader]:
     """Model loaders by scheme."""
-    return {scheme: loader for scheme, (loader, _) in _collect(pm, "register_model_loaders", lambda m: m.scheme, "model scheme").items()}
+    return {scheme: loader for scheme, (loader, _) in _collect(pm, "register_model_loaders", ModelLoader, lambda m: m.scheme, "model scheme").items()}
 
 
 def select(

@@ -78,11 +78,12 @@ def unique_ids(paths: list[Path]) -> list[str]:
 
 
 def load(
-    path: Path, image_id: str, channels: int, size: tuple[int, int] | None
+    path: Path, image_id: str, channels: int, size: tuple[int, int] | None, max_side: int | None = None
 ) -> LoadedImage:
     """Decode ``path``; failures are recorded on the result, never raised.
 
-    ``size`` is (height, width); None keeps the image's own size.
+    ``size`` is (height, width); None keeps the image's own size, scaled down to
+    ``max_side`` on its longest side if given.
     """
     result = LoadedImage(id=image_id, path=path)
     try:
@@ -96,6 +97,10 @@ def load(
     display = image.copy()
     display.thumbnail((DISPLAY_MAX_SIDE, DISPLAY_MAX_SIDE), Image.Resampling.LANCZOS)
     result.display = np.asarray(display)
+    if size is None and max_side and max(image.size) > max_side:
+        scale = max_side / max(image.size)
+        size = (max(1, round(image.height * scale)), max(1, round(image.width * scale)))
+        result.warnings.append(f"scaled from {image.width}×{image.height} to {size[1]}×{size[0]} (--size sets the size)")
     if size is not None and image.size != (size[1], size[0]):
         image = image.resize((size[1], size[0]), Image.Resampling.BILINEAR)
     array = np.asarray(image, dtype="float32")
@@ -104,13 +109,14 @@ def load(
 
 
 def load_all(
-    paths: list[Path], channels: int, size: tuple[int, int] | None, progress=lambda message: None
+    paths: list[Path], channels: int, size: tuple[int, int] | None,
+    progress=lambda message: None, max_side: int | None = None,
 ) -> list[LoadedImage]:
     """:func:`load` for each path, with ids from :func:`unique_ids`."""
     loaded = []
     for image_id, path in zip(unique_ids(paths), paths):
         progress(f"reading {path}")
-        loaded.append(load(path, image_id, channels, size))
+        loaded.append(load(path, image_id, channels, size, max_side))
     return loaded
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import keras
 
+from vizkit.graph import is_graph_model
 from vizkit.importing import import_object
 from vizkit.labels import imagenet_labels
 from vizkit.technique import suggest
@@ -68,7 +69,7 @@ class LoadedModel:
 
 
 def load_model(
-    spec: str, weights: str = "imagenet", size: int | None = None, loaders: dict | None = None
+    spec: "str | keras.Model", weights: str = "imagenet", size: int | None = None, loaders: dict | None = None
 ) -> LoadedModel:
     """Load ``spec``: ``SCHEME:REST`` of a plugin's loader, a .keras/.h5 file, an
     application name, or ``package.module:function``.
@@ -77,6 +78,11 @@ def load_model(
     a Sequential model that was never called and has no input shape; ``loaders`` maps
     schemes to :class:`vizkit.extension.ModelLoader` (see ``host.model_loaders``).
     """
+    if isinstance(spec, keras.Model):  # from a notebook
+        mode, reason = _guess_preprocess(spec)
+        loaded = LoadedModel(spec, spec.name, "a keras.Model passed in Python", None, mode, reason)
+        _ensure_built(loaded.model, size)
+        return loaded
     path = Path(spec)
     scheme, _, rest = spec.partition(":")
     if loaders and scheme in loaders:
@@ -211,6 +217,8 @@ def _leading_rescaling(model: keras.Model):
 
 def _ensure_built(model: keras.Model, size: int | None) -> None:
     """Build a Sequential model that was never called, from its input shape or ``size``."""
+    if not is_graph_model(model):
+        return  # ModelGraph explains why a subclassed model cannot be used
     if model.built and _has_inputs(model):
         return
     if size is None:

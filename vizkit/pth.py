@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import collections
 import io
+import math
 import os
 import pickle
 import struct
@@ -40,6 +41,8 @@ import numpy as np
 __all__ = ["load", "load_state_dict"]
 
 MAGIC_NUMBER = 0x1950A86A20F9469CFC6C
+#: A view may expand its storage (stride 0) up to this many elements, and no further.
+MAX_EXPANDED_ELEMENTS = 1 << 26
 PROTOCOL_VERSION = 1001
 
 #: ``torch.<Name>`` storage types and the NumPy dtype of their elements.
@@ -122,6 +125,9 @@ def _strided_copy(flat: np.ndarray, offset: int, size, stride) -> np.ndarray:
         raise ValueError(f"malformed tensor in torch file: offset {offset}, size {size}, stride {stride}")
     if 0 in size:
         return np.empty(size, dtype=flat.dtype)
+    if math.prod(size) > max(flat.size, MAX_EXPANDED_ELEMENTS):
+        # Zero strides make a view bigger than its storage; a crafted file could ask for terabytes.
+        raise ValueError(f"malformed torch file: a tensor of size {size} from a storage of {flat.size} elements")
     last = offset + sum((n - 1) * s for n, s in zip(size, stride))
     if last >= flat.size:
         raise ValueError(
@@ -298,11 +304,12 @@ def _load_zip(path: str):
             storage_type, key, numel, _view = _parse_pid(pid)
             if key not in loaded:
                 member = f"{prefix}data/{key}"
+                nbytes = numel * _item_size(storage_type.dtype)
                 try:
-                    raw = archive.read(member)
+                    with archive.open(member) as stream:
+                        raw = stream.read(nbytes)  # no more than it should hold, whatever it unpacks to
                 except KeyError:
                     raise ValueError(f"malformed torch file: {member} is missing from {path}") from None
-                nbytes = numel * _item_size(storage_type.dtype)
                 if len(raw) < nbytes:
                     raise ValueError(f"truncated torch file: {member} has {len(raw)} of its {nbytes} bytes")
                 loaded[key] = _Storage(storage_type.dtype, numel, _decode(raw[:nbytes], storage_type.dtype, little_endian))

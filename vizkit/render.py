@@ -71,13 +71,9 @@ def render_html(report: Report, theme: Theme | None = None) -> str:
     return _environment(theme).get_template("report.html").render(report=report, css=css)
 
 
-def _write_atomic(path: Path, write) -> None:
-    with atomic_path(path) as temp, open(temp, "wb") as stream:
-        write(stream)
-
-
-def _write_npz(stream, arrays: dict[str, np.ndarray]) -> None:
-    """Like ``np.savez_compressed`` with a fixed timestamp on each entry, for byte-stable files."""
+def _npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
+    """Like ``np.savez_compressed``, with a fixed timestamp on each entry for byte-stable files."""
+    stream = io.BytesIO()
     with zipfile.ZipFile(stream, "w", compression=zipfile.ZIP_DEFLATED) as archive:
         for key, array in arrays.items():
             entry = zipfile.ZipInfo(f"{key}.npy", date_time=(1980, 1, 1, 0, 0, 0))
@@ -85,19 +81,26 @@ def _write_npz(stream, arrays: dict[str, np.ndarray]) -> None:
             buffer = io.BytesIO()
             np.lib.format.write_array(buffer, np.asarray(array), allow_pickle=False)
             archive.writestr(entry, buffer.getvalue())
+    return stream.getvalue()
 
 
 def write(report: Report, outdir: Path, theme: Theme | None = None) -> Path:
-    """Write the report into ``outdir`` (created if needed); returns the path of index.html."""
-    outdir.mkdir(parents=True, exist_ok=True)
+    """Write the report into ``outdir`` (created if needed); returns the path of index.html.
+
+    Everything is rendered in memory first, so a failure leaves the folder as it was.
+    """
+    files = {
+        "report.json": (json.dumps(report.to_json(), indent=2, ensure_ascii=False, allow_nan=False) + "\n").encode(),
+        "index.html": render_html(report, theme).encode("utf-8"),
+    }
     if report.arrays_saved:
-        _write_atomic(outdir / "arrays.npz", lambda s: _write_npz(s, report.arrays()))
-    data = json.dumps(report.to_json(), indent=2, ensure_ascii=False, allow_nan=False) + "\n"
-    _write_atomic(outdir / "report.json", lambda s: s.write(data.encode("utf-8")))
-    html = render_html(report, theme)
-    index = outdir / "index.html"
-    _write_atomic(index, lambda s: s.write(html.encode("utf-8")))
+        files["arrays.npz"] = _npz_bytes(report.arrays())
+    outdir.mkdir(parents=True, exist_ok=True)
+    for name in ("arrays.npz", "report.json", "index.html"):  # the page last: it is what people open
+        if name in files:
+            with atomic_path(outdir / name) as temp:
+                temp.write_bytes(files[name])
     if not report.arrays_saved:
         # Arrays of an earlier run in this folder would now describe another report.
         (outdir / "arrays.npz").unlink(missing_ok=True)
-    return index
+    return outdir / "index.html"

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import sys
@@ -20,12 +21,15 @@ import numpy as np
 
 from vizkit import __version__, host, images as image_io, preprocess as preprocessing, render
 from vizkit.config import merge
+from vizkit.extension import ReportSection
 from vizkit.labels import LabelsError, read_labels
 from vizkit.report import ArtifactRecord, ImageRecord, Report, TechniqueRecord
-from vizkit.technique import OptionError, RunContext, suggest
+from vizkit.technique import Artifact, OptionError, RunContext, suggest
 
 #: Predictions kept per image in the report.
 TOP_PREDICTIONS = 5
+#: Longest side of images fed to a model with a free input size, unless --size says otherwise.
+FREE_SIZE_MAX_SIDE = 512
 
 
 class UsageError(ValueError):
@@ -70,8 +74,21 @@ def default_outdir(model_name: str, base: Path = Path("reports")) -> Path:
     return candidate
 
 
+def check_outdir(outdir: Path | None) -> None:
+    """UsageError now, not after all the work, for a folder that cannot be written."""
+    if outdir is None:
+        return
+    existing = next(p for p in [outdir, *outdir.absolute().parents] if p.exists())
+    if not existing.is_dir():
+        raise UsageError(f"-o {outdir}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK):
+        raise UsageError(f"-o {outdir}: {existing} is not writable")
+
+
 def plan(options: RunOptions, pm=None):
     """Resolve techniques and their options before anything heavy loads; UsageError if bad."""
+    if reproducible() and not os.environ["SOURCE_DATE_EPOCH"].strip().isdigit():
+        raise UsageError(f"SOURCE_DATE_EPOCH must be seconds since 1970, not {os.environ['SOURCE_DATE_EPOCH']!r}")
     try:
         pm = pm or host.plugin_manager(options.plugins, options.disabled_plugins)
         available = host.techniques(pm)
@@ -123,16 +140,34 @@ def top_predictions(scores: np.ndarray, labels: list[str] | None, k: int = TOP_P
 
 
 def add_predictions(graph, images: list, preprocess, labels: list[str] | None) -> None:
-    """Fill in each image's top predictions, when the model is a classifier."""
+    """Fill in each image's top predictions, when the model is a classifier.
+
+    An image the model cannot take (too small for its layers, say) gets an error
+    instead of stopping the run.
+    """
     if not graph.is_classifier:
         return
     for batch_images, batch in RunContext(graph, images, {}, preprocess).batches(16):
-        for image, scores in zip(batch_images, graph.predict(batch)):
-            image.predictions = top_predictions(scores, labels)
+        try:
+            scores = graph.class_scores(batch)
+        except Exception:  # find which image it was: one at a time
+            for image in batch_images:
+                add_predictions_one(graph, image, preprocess, labels)
+            continue
+        for image, row in zip(batch_images, scores):
+            image.predictions = top_predictions(row, labels)
+
+
+def add_predictions_one(graph, image, preprocess, labels) -> None:
+    try:
+        image.predictions = top_predictions(graph.class_scores(preprocess(image.array[None]))[0], labels)
+    except Exception as error:  # TensorFlow raises many kinds for a bad input
+        image.error = f"the model cannot take this image: {type(error).__name__}: {str(error).splitlines()[0]}"
+        print(f"vizkit: {image.path}: {image.error}", file=sys.stderr)
 
 
 def run(
-    model: str,
+    model,
     inputs: list[str | Path],
     options: RunOptions | None = None,
     outdir: Path | None = None,
@@ -141,11 +176,14 @@ def run(
 ) -> tuple[Report, Path]:
     """Run the selected techniques and write the report; returns (report, path of index.html).
 
+    ``model`` is a model spec as on the command line, or a ``keras.Model``.
+
     Raises UsageError (nothing written) for bad arguments or a model that cannot load.
     A failing image or technique is recorded in the report instead (``report.failed``).
     """
     options = options or RunOptions()
     pm, selected, params, preprocess = plan(options, pm)
+    check_outdir(outdir)
     try:
         labels = read_labels(options.labels) if options.labels else None
     except LabelsError as error:
@@ -156,39 +194,49 @@ def run(
     if skipped:
         print(f"vizkit: skipped {len(skipped)} file(s) that are not images (listed in the report)", file=sys.stderr)
 
-    # TensorFlow loads only now, after the arguments were checked.
+    # The model loads only now, after the arguments were checked.
     from vizkit.graph import ModelGraph
     from vizkit.models import ModelLoadError, load_model
 
     if reproducible():
+        import keras
         import tensorflow as tf
 
         tf.config.experimental.enable_op_determinism()
-    progress(f"loading model {model}")
+        keras.utils.set_random_seed(0)  # random weights (--weights none, factories) too
+    progress(f"loading model {getattr(model, 'name', model)}")
     try:
         loaded = load_model(model, weights=options.weights, size=options.size, loaders=host.model_loaders(pm))
         graph = ModelGraph(loaded.model)
     except (ModelLoadError, ValueError) as error:
         raise UsageError(str(error)) from None
     if preprocess is None:
-        preprocess = preprocessing.MODES[loaded.preprocess]
         preprocess_name, preprocess_reason = loaded.preprocess, loaded.preprocess_reason
+        try:
+            preprocess = preprocessing.resolve(loaded.preprocess)
+        except ValueError as error:
+            raise UsageError(f"the model's preprocessing: {error}") from None
     else:
         preprocess_name, preprocess_reason = options.preprocess, "chosen with --preprocess"
-    if labels and graph.is_classifier and len(labels) != graph.output_shape[0]:
+    if graph.channels == 1 and preprocess_name in ("caffe", "torch"):
+        raise UsageError(
+            f"--preprocess {preprocess_name} is for RGB images, but {loaded.name} takes one "
+            "channel; use unit, none or package.module:function"
+        )
+    if labels and graph.is_classifier and len(labels) != graph.num_classes:
         raise UsageError(
             f"--labels {options.labels} has {len(labels)} class names, but the model has "
-            f"{graph.output_shape[0]} classes"
+            f"{graph.num_classes} classes"
         )
     labels = labels or loaded.labels
 
     size = graph.fixed_size or ((options.size, options.size) if options.size else None)
-    images = image_io.load_all(files, graph.channels, size, progress)
+    images = image_io.load_all(files, graph.channels, size, progress, max_side=FREE_SIZE_MAX_SIDE)
     for image in images:
         if image.error:
             print(f"vizkit: {image.path}: {image.error}", file=sys.stderr)
+    add_predictions(graph, [image for image in images if image.ok], preprocess, labels)
     good = [image for image in images if image.ok]
-    add_predictions(graph, good, preprocess, labels)
 
     records = [
         _run_technique(registered, RunContext(graph, good, params[registered.technique.name], preprocess, labels), progress)
@@ -217,7 +265,15 @@ def run(
     )
     outdir = outdir or default_outdir(loaded.name)
     progress(f"writing {outdir}")
-    index = render.write(report, outdir, _apply_report_hooks(pm, report))
+    theme = _apply_report_hooks(pm, report)
+    try:
+        index = render.write(report, outdir, theme)
+    except Exception as error:  # a plugin's template or CSS: write the page without them
+        if theme == render.Theme():
+            raise
+        report.plugin_errors.append(f"the report could not be rendered with the plugins' templates: {_traceback(error, 1)}")
+        print(f"vizkit: {report.plugin_errors[-1]}", file=sys.stderr)
+        index = render.write(report, outdir)
     _, errors = host.call_each(pm, "report_written", report=report, outdir=outdir, index=index)
     for error in errors:
         print(f"vizkit: {error}", file=sys.stderr)
@@ -230,6 +286,13 @@ def _apply_report_hooks(pm, report: Report) -> render.Theme:
     sections, errors = host.call_each(pm, "report_sections", report=report)
     for plugin, items in sections:
         for item in items if isinstance(items, (list, tuple)) else [items]:
+            try:
+                if not isinstance(item, ReportSection):
+                    raise TypeError(f"returned a {type(item).__name__}, not a vizkit ReportSection")
+                json.dumps(item.data, allow_nan=False)  # it goes into report.json
+            except (TypeError, ValueError) as error:
+                errors.append(f"plugin {plugin}, hook report_sections: {error}")
+                continue
             report.sections.append({"title": item.title, "html": item.html, "plugin": plugin, "data": item.data})
     css, css_errors = host.call_each(pm, "report_css")
     folders, folder_errors = host.call_each(pm, "report_templates")
@@ -237,6 +300,13 @@ def _apply_report_hooks(pm, report: Report) -> render.Theme:
     for error in report.plugin_errors:
         print(f"vizkit: {error}", file=sys.stderr)
     return render.Theme([text for _, text in css], [Path(folder) for _, folder in folders])
+
+
+def _traceback(error: BaseException, limit: int = 8) -> str:
+    """The last frames, with file names but not their folders: reports stay comparable."""
+    frames = traceback.extract_tb(error.__traceback__)[-limit:]
+    lines = [f"{Path(f.filename).name}:{f.lineno} in {f.name}: {(f.line or '').strip()}" for f in frames]
+    return "\n".join([*lines, f"{type(error).__name__}: {error}"])
 
 
 def _image_record(image: image_io.LoadedImage) -> ImageRecord:
@@ -264,10 +334,14 @@ def _run_technique(registered, context: RunContext, progress) -> TechniqueRecord
     started = time.perf_counter()
     try:
         artifacts = list(technique.run(context))
+        for artifact in artifacts:
+            if not isinstance(artifact, Artifact):
+                raise TypeError(f"{technique.name} returned a {type(artifact).__name__}, not a vizkit Artifact")
+            artifact.check()
     except Exception as error:  # a plugin's failure must not cost the rest of the report
         record.status = "error"
         record.error = f"{type(error).__name__}: {error}"
-        record.traceback = "".join(traceback.format_exception(error, limit=-8))
+        record.traceback = _traceback(error)
         print(f"vizkit: technique {technique.name} failed: {record.error}", file=sys.stderr)
         artifacts = []
     if not reproducible():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Sequence
 
@@ -52,6 +53,8 @@ class Option:
         if self.choices is not None and value not in self.choices:
             allowed = ", ".join(map(str, self.choices))
             raise OptionError(f"{where}: {raw!r} is not one of {allowed}")
+        if self.type is float and not math.isfinite(value):
+            raise OptionError(f"{where}: {raw!r} is not a finite number")
         if self.minimum is not None and value < self.minimum:
             raise OptionError(f"{where}: {raw!r} is below the minimum {self.minimum:g}")
         return value
@@ -100,6 +103,18 @@ class Artifact:
     layer: str | None = None
     caption: str = ""
 
+    def check(self) -> None:
+        """TypeError naming the problem, for what the report could not show or save."""
+        if not isinstance(self.array, np.ndarray):
+            raise TypeError(f"artifact {self.title!r}: array is {type(self.array).__name__}, not a NumPy array")
+        picture = self.picture
+        if not (
+            isinstance(picture, np.ndarray) and picture.dtype == np.uint8
+            and (picture.ndim == 2 or (picture.ndim == 3 and picture.shape[-1] == 3))
+        ):
+            described = f"{picture.dtype} {picture.shape}" if isinstance(picture, np.ndarray) else type(picture).__name__
+            raise TypeError(f"artifact {self.title!r}: picture must be uint8 H×W or H×W×3, not {described}")
+
 
 @dataclass
 class RunContext:
@@ -147,6 +162,8 @@ class Technique:
     run: Callable[[RunContext], list[Artifact]]
     description: str
     options: tuple[Option, ...] = ()
+    #: Which layers it can use, given a ``vizkit.graph.LayerInfo`` (shown by ``vizkit layers``).
+    accepts: Callable[[Any], bool] | None = None
 
     def resolve_params(self, raw: dict[str, Any]) -> dict[str, Any]:
         """Defaults overlaid with ``raw`` (strings from the CLI or typed values), validated."""
