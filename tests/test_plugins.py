@@ -415,6 +415,29 @@ def test_misspelled_hook_of_an_entry_point_plugin_is_broken(install, vizkit_cli)
         host.plugin_manager(environ={**env, "VIZKIT_STRICT_PLUGINS": "1"})
 
 
+RAISING_REGISTER = """
+import vizkit
+
+
+@vizkit.hookimpl
+def register_techniques(register):
+    register("not a Technique")
+"""
+
+
+def test_an_entry_point_whose_register_hook_fails_is_broken(install, vizkit_cli, model_file, images, tmp_path):
+    install(RAISING_REGISTER, plugin="badreg", dist="vizkit-badreg")
+    env = {"VIZKIT_LOAD_PLUGINS": "badreg"}
+    with pytest.warns(host.BrokenPluginWarning, match="not a str"):
+        rows = plugin_rows(vizkit_cli("plugins", "--json", env=env))
+    assert rows["badreg"]["status"] == "broken" and "Technique" in rows["badreg"]["error"]
+    with pytest.warns(host.BrokenPluginWarning):
+        result = vizkit_cli("run", model_file, images, "-t", "gradcam", "-o", tmp_path / "out", env=env)
+    assert result.exit_code == 0, result.output
+    with pytest.raises(host.PluginError, match="badreg"):
+        host.plugin_manager(environ={**env, "VIZKIT_STRICT_PLUGINS": "1"})
+
+
 def test_misspelled_hook_of_a_p_plugin_is_a_usage_error(plugin_file, vizkit_cli, model_file, images, tmp_path):
     path = plugin_file("typo_local", MISSPELLED_HOOK)
     env = {"VIZKIT_LOAD_PLUGINS": ""}

@@ -10,7 +10,6 @@ of those tensors then forms a probe model that runs in one forward pass.
 
 from __future__ import annotations
 
-import weakref
 from dataclasses import dataclass
 
 import keras
@@ -76,20 +75,22 @@ def _output_layer_names(model) -> list[str]:
     return names
 
 
-_GRAPHS: "weakref.WeakKeyDictionary[keras.Model, ModelGraph]" = weakref.WeakKeyDictionary()
-
-
 class ModelGraph:
     """A built single-input image model with every layer's output reachable by path."""
 
     @classmethod
     def of(cls, model) -> "ModelGraph":
-        """``model`` itself if it is a ModelGraph, else the (cached) graph of a keras.Model."""
+        """``model`` itself if it is a ModelGraph, else the graph of a keras.Model, traced once.
+
+        The graph is kept on the model (past Keras's attribute tracking), so it lives and
+        dies with it.
+        """
         if isinstance(model, ModelGraph):
             return model
-        if model not in _GRAPHS:
-            _GRAPHS[model] = cls(model)
-        return _GRAPHS[model]
+        graph = model.__dict__.get("_vizkit_graph")
+        if graph is None:
+            graph = model.__dict__["_vizkit_graph"] = cls(model)
+        return graph
 
     def __init__(self, model: keras.Model, free_size: bool = False):
         if not is_graph_model(model):
