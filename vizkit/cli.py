@@ -198,8 +198,14 @@ def techniques(name, plugins, disabled):
         click.echo(f"{technique.name} ({registered.plugin}): {technique.description}")
         if name:
             for option in technique.options:
-                default = "(automatic)" if option.default is None else option.default
-                click.echo(f"  -s {technique.name}.{option.name}=<{option.type.__name__}>  {option.help} [default: {default}]")
+                facts = [f"default: {option.default if option.default not in (None, []) else '(automatic)'}"]
+                if option.choices is not None:
+                    facts.append("one of: " + ", ".join(map(str, option.choices)))
+                if option.minimum is not None:
+                    facts.append(f"at least {option.minimum:g}")
+                click.echo(
+                    f"  -s {technique.name}.{option.name}=<{option.type.__name__}>  {option.help} [{'; '.join(facts)}]"
+                )
 
 
 @main.command()
