@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from vizkit import hookimpl
-from vizkit.graph import LayerInfo, ModelGraph
+from vizkit.graph import LayerInfo, ModelGraph, spread_evenly
 from vizkit.imaging import standardize_channel, tile
 from vizkit.technique import Artifact, Option, RunContext, Technique
 
@@ -17,15 +17,7 @@ def _usable(info: LayerInfo) -> bool:
 def default_layers(graph: ModelGraph, max_layers: int) -> list[str]:
     """Every convolution and pooling layer, evenly thinned out to at most ``max_layers``."""
     paths = [info.path for info in graph.layers if (info.conv or info.pooling)]
-    return spread(paths, max_layers)
-
-
-def spread(items: list[str], count: int) -> list[str]:
-    """``count`` items evenly spaced from first to last (all of them if there are fewer)."""
-    if count <= 0 or len(items) <= count:
-        return list(items)
-    picks = np.linspace(0, len(items) - 1, count).round().astype(int)
-    return [items[i] for i in dict.fromkeys(picks)]
+    return spread_evenly(paths, max_layers)
 
 
 def feature_maps(model, batch: np.ndarray, layers: list[str]) -> dict[str, np.ndarray]:

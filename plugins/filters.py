@@ -9,9 +9,8 @@ import numpy as np
 import tensorflow as tf
 
 from vizkit import hookimpl
-from vizkit.graph import LayerInfo, ModelGraph
+from vizkit.graph import LayerInfo, ModelGraph, spread_evenly
 from vizkit.imaging import deprocess_pattern, tile
-from vizkit.plugins.activations import spread
 from vizkit.technique import Artifact, Option, RunContext, Technique
 
 
@@ -29,7 +28,7 @@ def default_layers(graph: ModelGraph, spread_count: int = 5) -> tuple[list[str],
             firsts.setdefault(match.group(1), path)
     if 2 <= len(firsts) <= 8:
         return list(firsts.values()), "the first convolution layer of each block"
-    return spread(convs, spread_count), f"{min(spread_count, len(convs))} convolution layers spread evenly"
+    return spread_evenly(convs, spread_count), f"{min(spread_count, len(convs))} convolution layers spread evenly"
 
 
 def initial_inputs(count: int, size: int, channels: int, seed: int) -> np.ndarray:
@@ -110,14 +109,13 @@ def run(context: RunContext) -> list[Artifact]:
         context.note(f"layers: {why}")
     if not paths:
         raise ValueError("the model has no convolution layers")
-    size = params["size"]
     artifacts = []
     for path in paths:
         patterns, _ = filter_patterns(
             graph,
             path,
             filters=params["count"],
-            size=size,
+            size=params["size"],
             steps=params["steps"],
             step=params["step"],
             seed=params["seed"],

@@ -15,7 +15,7 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from conftest import build_nested, build_tiny, write_image, write_sample_folder
+from conftest import build_nested, build_tiny, write_sample_folder
 from vizkit import images as image_io
 from vizkit.cli import main
 

@@ -21,7 +21,6 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-import vizkit
 from conftest import write_sample_folder
 from vizkit import host, hookspecs
 from vizkit.cli import main

@@ -259,3 +259,11 @@ class ModelGraph:
     def predict(self, batch: np.ndarray) -> np.ndarray:
         """The model's (first) output for a preprocessed batch, as NumPy."""
         return keras.ops.convert_to_numpy(self.output_model(batch, training=False))
+
+
+def spread_evenly(items: list[str], count: int) -> list[str]:
+    """``count`` items evenly spaced from first to last (all of them if there are fewer)."""
+    if count <= 0 or len(items) <= count:
+        return list(items)
+    picks = np.linspace(0, len(items) - 1, count).round().astype(int)
+    return [items[i] for i in dict.fromkeys(picks)]
