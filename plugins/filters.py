@@ -6,21 +6,14 @@ import re
 from typing import Callable
 
 import numpy as np
-import tensorflow as tf
 
-from vizkit import hookimpl
-from vizkit.graph import LayerInfo, ModelGraph, spread_evenly
-from vizkit.imaging import deprocess_pattern, tile
-from vizkit.technique import Artifact, Option, RunContext, Technique
+import vizkit
+from vizkit import Artifact, Option, Technique, hookimpl, kit
 
 
-def _usable(info: LayerInfo) -> bool:
-    return info.conv
-
-
-def default_layers(graph: ModelGraph, spread_count: int = 5) -> tuple[list[str], str]:
+def default_layers(graph, spread_count: int = 5) -> tuple[list[str], str]:
     """The first conv layer of each ``blockN`` (VGG-style names), else an even spread."""
-    convs = [info.path for info in graph.layers if info.conv]
+    convs = kit.conv_layers(graph)
     firsts: dict[str, str] = {}
     for path in convs:
         match = re.match(r"(.*?block\d+)[a-z]?_", path.rsplit("/", 1)[-1])
@@ -28,7 +21,7 @@ def default_layers(graph: ModelGraph, spread_count: int = 5) -> tuple[list[str],
             firsts.setdefault(match.group(1), path)
     if 2 <= len(firsts) <= 8:
         return list(firsts.values()), "the first convolution layer of each block"
-    return spread_evenly(convs, spread_count), f"{min(spread_count, len(convs))} convolution layers spread evenly"
+    return kit.spread_evenly(convs, spread_count), f"{min(spread_count, len(convs))} convolution layers spread evenly"
 
 
 def initial_inputs(count: int, size: int, channels: int, seed: int) -> np.ndarray:
@@ -39,6 +32,7 @@ def initial_inputs(count: int, size: int, channels: int, seed: int) -> np.ndarra
 
 def _ascent(probe, preprocess: Callable, steps: int, step: float):
     """One compiled loop that moves a batch of inputs, each up its own filter's mean activation."""
+    import tensorflow as tf
 
     @tf.function(reduce_retracing=True)
     def ascend(x, onehot):
@@ -75,8 +69,10 @@ def filter_patterns(
     0-255 pixel space through ``preprocess``, so with the identity (the chapter's setup)
     it is exactly the chapter's input-space ascent. ``start`` overrides the seeded noise.
     """
-    graph = ModelGraph.of(model)
-    path = graph.resolve(layer, _usable, " for filters (it is not a convolution layer)")
+    import tensorflow as tf
+
+    graph = vizkit.ModelGraph.of(model)
+    path = graph.resolve(layer, kit.conv_layer, "filters (it is not a convolution layer)")
     channels_out = graph.info(path).shape[-1]
     indices = list(range(min(filters, channels_out))) if isinstance(filters, int) else list(filters)
     outside = [i for i in indices if not 0 <= i < channels_out]
@@ -97,13 +93,13 @@ def filter_patterns(
         x = tf.constant(start[begin : begin + len(chunk)], dtype=tf.float32)
         optimized.append(ascend(x, onehot).numpy())
     raw = np.concatenate(optimized)
-    return np.stack([deprocess_pattern(x) for x in raw]), raw
+    return np.stack([kit.deprocess_pattern(x) for x in raw]), raw
 
 
-def run(context: RunContext) -> list[Artifact]:
+def run(context) -> list[Artifact]:
     params, graph = context.params, context.model
     if params["layers"]:
-        paths = [graph.resolve(name, _usable, " for filters") for name in params["layers"]]
+        paths = [graph.resolve(name, kit.conv_layer, "filters") for name in params["layers"]]
     else:
         paths, why = default_layers(graph)
         context.note(f"layers: {why}")
@@ -123,7 +119,7 @@ def run(context: RunContext) -> list[Artifact]:
             batch=params["batch"],
             progress=context.progress,
         )
-        picture = tile(patterns, per_row=8, margin=5, fill=0)
+        picture = kit.tile(patterns, per_row=8, margin=5, fill=0)
         artifacts.append(
             Artifact(
                 title=path,
@@ -140,9 +136,9 @@ TECHNIQUE = Technique(
     name="filters",
     run=run,
     description="The input pattern each filter of a conv layer responds to most, by gradient ascent.",
-    accepts=_usable,
+    accepts=kit.conv_layer,
     options=(
-        Option("layers", list, [], "conv layers (comma list); default: first conv of each block"),
+        kit.layers_option("filters", kit.conv_layer, "conv layers (comma list); default: first conv of each block"),
         Option("count", int, 64, "filters per layer, from the first", minimum=1),
         Option("size", int, 150, "pattern size in pixels (any size, even on models with a fixed input)", minimum=8),
         Option("steps", int, 40, "gradient ascent steps", minimum=0),

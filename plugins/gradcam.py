@@ -3,107 +3,87 @@
 from __future__ import annotations
 
 import numpy as np
-import tensorflow as tf
 
-from vizkit import hookimpl
-from vizkit.graph import LayerInfo, ModelGraph
-from vizkit.imaging import overlay_heatmap
-from vizkit.labels import class_index, describe_class, describe_predictions
-from vizkit.technique import Artifact, Option, RunContext, Technique
-
-
-def _usable(info: LayerInfo) -> bool:
-    return info.feature_map and info.feeds_output
-
-
-def default_layer(graph: ModelGraph) -> tuple[str, str]:
-    """(path, why): the last feature-map layer before the classifier, pooling skipped."""
-    for info in reversed(graph.layers):
-        if _usable(info) and not info.pooling and (info.shape[0] or 2) * (info.shape[1] or 2) > 1:
-            return info.path, (
-                "the last layer with an H×W×C output larger than 1×1 before the classifier "
-                "(pooling layers skipped)"
-            )
-    raise ValueError("the model has no layer with an H×W×C output to explain; name one with gradcam.layer")
+import vizkit
+from vizkit import Artifact, Option, Technique, hookimpl, kit
 
 
 def gradcam(
-    model, batch: np.ndarray, layer: str | None = None, classes: list[int] | int | None = None
+    model, batch: np.ndarray, layer: str | None = None, classes: list[int] | int | None = None, score: str = "logit"
 ) -> tuple[np.ndarray, np.ndarray]:
     """(heatmaps, classes): Grad-CAM of a preprocessed batch, N×h×w in [0, 1] at the layer's resolution.
 
-    Gradients of the class score (the model's output for that class, as in the chapter)
-    with respect to the layer's output, averaged per channel, weight the channels; their
-    mean over channels, through a ReLU, is normalized by its maximum. ``classes`` defaults
-    to each image's top-1 class.
+    Gradients of the class score with respect to the layer's output, averaged per channel,
+    weight the channels; their mean over channels, through a ReLU, is normalized by its
+    maximum. ``score="logit"`` differentiates the pre-softmax logit (the paper);
+    ``"probability"`` the model's output, as the chapter does. ``classes`` defaults to
+    each image's top-1 class.
     """
-    graph = ModelGraph.of(model)
-    path = graph.resolve(layer, _usable, " for gradcam") if layer else default_layer(graph)[0]
-    probe = graph.probe([path], with_output=True)
-    x = tf.convert_to_tensor(batch, dtype=tf.float32)
-    with tf.GradientTape() as tape:
-        features, scores = probe(x, training=False)
-        scores = graph.expand_scores(scores)
-        if classes is None:
-            targets = tf.argmax(scores, axis=-1, output_type=tf.int32)
-        else:
-            targets = tf.constant(np.broadcast_to(classes, (len(batch),)), dtype=tf.int32)
-        class_scores = tf.gather(scores, targets, axis=1, batch_dims=1)
-    grads = tape.gradient(class_scores, features)  # per image: the batch does not mix
-    weights = tf.reduce_mean(grads, axis=(1, 2), keepdims=True)
-    heatmaps = tf.nn.relu(tf.reduce_mean(features * weights, axis=-1)).numpy()
-    peaks = heatmaps.max(axis=(1, 2), keepdims=True)
-    heatmaps = np.divide(heatmaps, peaks, out=np.zeros_like(heatmaps), where=peaks > 0)
-    return heatmaps.astype("float32"), targets.numpy()
+    graph = vizkit.ModelGraph.of(model)
+    path = graph.resolve(layer, kit.explainable_layer, "gradcam") if layer else kit.last_feature_map_layer(graph)[0]
+    features, gradients, targets = kit.layer_gradients(graph, batch, path, classes, score)
+    weights = gradients.mean(axis=(1, 2), keepdims=True)
+    return kit.normalize_heatmap((features * weights).mean(axis=-1)), targets
 
 
-def run(context: RunContext) -> list[Artifact]:
-    params, graph = context.params, context.model
-    if not graph.is_classifier:
-        raise ValueError(f"Grad-CAM needs a classifier (output: one score per class); this model outputs {graph.output_shape}")
-    if params["layer"]:
-        path = graph.resolve(params["layer"], _usable, " for gradcam")
-    else:
-        path, why = default_layer(graph)
+def _layer(context) -> tuple[str, str | None]:
+    """(path, why it was chosen, or None when the user named it)."""
+    if context.params["layer"]:
+        return context.model.resolve(context.params["layer"], kit.explainable_layer, "gradcam"), None
+    return kit.last_feature_map_layer(context.model)
+
+
+def _score(context) -> str:
+    """The score asked for; a model without a separate logit is explained by its output."""
+    return context.params["score"] if context.model.has_logits else "probability"
+
+
+def prepare(context) -> None:
+    kit.require_classifier(context.model, "Grad-CAM")
+    path, why = _layer(context)
+    if why:
         context.note(f"layer: {path}, {why}")
-    if params["class"] is None:
-        target = None
-    else:
-        try:
-            target = class_index(params["class"], context.labels, graph.num_classes)
-        except ValueError as error:
-            raise ValueError(f"gradcam.class: {error}") from None
+    if _score(context) != context.params["score"]:
+        context.note("score: the model's output (it ends in no softmax or sigmoid whose logit could be taken)")
+
+
+def run_batch(context, batch) -> list[Artifact]:
+    params = context.params
+    path, _ = _layer(context)
+    context.progress(f"{len(batch)} image(s)")
+    heatmaps, classes = gradcam(context.model, batch.inputs, path, kit.resolve_class(context), _score(context))
     artifacts = []
-    for images, batch in context.batches(params["batch"]):
-        context.progress(f"{len(images)} image(s)")
-        heatmaps, classes = gradcam(graph, batch, path, target)
-        for image, heatmap, cls in zip(images, heatmaps, classes):
-            if not heatmap.any():
-                context.note(f"{image.id}: the heatmap is all zero (no positive evidence for class {cls} at {path})")
-            artifacts.append(
-                Artifact(
-                    title=f"{image.id} · class {describe_class(int(cls), context.labels)}",
-                    array=heatmap,
-                    picture=overlay_heatmap(image.display, heatmap, params["alpha"]),
-                    image_id=image.id,
-                    layer=path,
-                    caption=describe_predictions(image.predictions[: params["top"]]),
-                )
+    for image, heatmap, cls in zip(batch.images, heatmaps, classes):
+        if not heatmap.any():
+            context.note(f"{image.id}: the heatmap is all zero (no positive evidence for class {cls} at {path})")
+        artifacts.append(
+            Artifact(
+                title=f"{image.id} · class {kit.describe_class(int(cls), context.labels)}",
+                array=heatmap,
+                picture=kit.overlay_heatmap(image.display, heatmap, params["alpha"], params["overlay"], params["colormap"]),
+                image_id=image.id,
+                layer=path,
+                caption=kit.describe_predictions(image.predictions[: params["top"]]),
             )
+        )
     return artifacts
 
 
 TECHNIQUE = Technique(
     name="gradcam",
-    run=run,
-    description="Grad-CAM heatmaps of where in each image the predicted (or chosen) class comes from.",
-    accepts=_usable,
+    run_batch=run_batch,
+    prepare=prepare,
+    description="Grad-CAM heatmaps of where in each image the predicted (or chosen) class comes from (Selvaraju et al. 2017).",
+    accepts=kit.explainable_layer,
     options=(
-        Option("layer", str, None, "layer to explain; default: the last feature-map layer before the classifier"),
-        Option("class", str, None, "class index or label to explain; default: each image's top-1 class"),
+        kit.layer_option("gradcam", kit.explainable_layer, "layer to explain; default: the last feature-map layer before the classifier"),
+        kit.class_option(),
+        kit.score_option("logit"),
         Option("top", int, 3, "predictions listed per image", minimum=0),
-        Option("alpha", float, 0.4, "heatmap weight in the overlay", minimum=0),
-        Option("batch", int, 8, "images per batch", minimum=1),
+        Option("alpha", float, 0.4, "heatmap weight in the overlay", minimum=0, maximum=1),
+        Option("overlay", str, "add", "add: the chapter's heatmap × alpha + image; blend: a proper alpha blend", choices=("add", "blend")),
+        Option("colormap", str, "jet", "colormap of the heatmap", choices=kit.COLORMAPS),
+        kit.batch_option(8),
     ),
 )
 

@@ -1,8 +1,10 @@
 """vizkit: see what a convolutional network learned, as one static HTML report.
 
-Importing this package is cheap (no TensorFlow); the heavy modules load on first use.
+The public API for plugin authors and notebooks is what this package exports (see
+``docs/api.md``). Importing it is cheap: no TensorFlow, and the names load on first use.
 """
 
+from importlib import import_module
 from importlib.metadata import PackageNotFoundError, version
 
 import pluggy
@@ -15,4 +17,40 @@ except PackageNotFoundError:  # running from a source tree that was never instal
 #: Decorator for plugin hook implementations: ``@vizkit.hookimpl``.
 hookimpl = pluggy.HookimplMarker("vizkit")
 
-__all__ = ["__version__", "hookimpl"]
+#: Public name → the module that defines it, imported when the name is first used.
+_LAZY = {
+    "Artifact": "vizkit.technique",
+    "Batch": "vizkit.technique",
+    "Option": "vizkit.technique",
+    "OptionError": "vizkit.technique",
+    "RunContext": "vizkit.technique",
+    "Technique": "vizkit.technique",
+    "ModelLoader": "vizkit.extension",
+    "ReportSection": "vizkit.extension",
+    "LoadedModel": "vizkit.models",
+    "ModelLoadError": "vizkit.models",
+    "ModelGraph": "vizkit.graph",
+    "LayerInfo": "vizkit.graph",
+    "LayerError": "vizkit.graph",
+    "ExitCode": "vizkit.exitcodes",
+    "Report": "vizkit.report",
+    "RunOptions": "vizkit.runner",
+    "UsageError": "vizkit.runner",
+    "run": "vizkit.runner",
+    "kit": "vizkit.kit",
+}
+
+__all__ = ["__version__", "hookimpl", *_LAZY]
+
+
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module 'vizkit' has no attribute {name!r}")
+    module = import_module(_LAZY[name])
+    value = module if name == "kit" else getattr(module, name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

@@ -5,34 +5,46 @@ from __future__ import annotations
 import json
 import os
 import sys
+import tempfile
+import traceback
 from pathlib import Path
 
 import click
 
 from vizkit import __version__, host
 from vizkit.config import ConfigError, load_settings
+from vizkit.exitcodes import ExitCode
 from vizkit.runner import RunOptions, UsageError
+from vizkit.tensorflow_setup import start_tensorflow
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
-def _start_tensorflow() -> None:
-    """Import TensorFlow and find its devices with stderr muted.
+class VizkitGroup(click.Group):
+    """Click's group, plus exit status 3 for a crash of vizkit itself (see ExitCode)."""
 
-    Its C++ start-up lines (oneDNN, CUDA probing) ignore TF_CPP_MIN_LOG_LEVEL and would
-    bury vizkit's own messages; Python errors still propagate as exceptions.
-    """
-    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, 2)
-    try:
-        import tensorflow as tf
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except (click.ClickException, click.exceptions.Exit, click.Abort, SystemExit, KeyboardInterrupt):
+            raise
+        except Exception as error:
+            where = _save_traceback(error)
+            written = getattr(error, "vizkit_outdir", None)
+            outcome = f"the report in {written} may be incomplete" if written else "no report was written"
+            click.echo(
+                f"vizkit: internal error: {type(error).__name__}: {error}\n"
+                f"vizkit: {outcome}; the traceback is in {where} (please include it in a bug report)",
+                err=True,
+            )
+            ctx.exit(ExitCode.INTERNAL_ERROR)
 
-        tf.config.list_physical_devices()
-        tf.get_logger().setLevel("ERROR")  # e.g. retracing notes: one graph per layer is by design
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-        os.close(devnull)
+
+def _save_traceback(error: BaseException) -> str:
+    handle, path = tempfile.mkstemp(prefix="vizkit-traceback-", suffix=".txt")
+    with os.fdopen(handle, "w", encoding="utf-8") as file:
+        file.write("".join(traceback.format_exception(error)))
+    return path
 
 
 def _progress(quiet: bool):
@@ -66,17 +78,25 @@ def plugin_options(command):
 
 
 def _host(plugins, disabled) -> host.PluginHost:
+    """The plugin host; ``ctx.obj["plugins"]`` adds (name, plugin) pairs (the test kit's)."""
+    extra = (click.get_current_context().obj or {}).get("plugins", ())
     try:
-        return host.plugin_manager(plugins, disabled)
+        return host.plugin_manager(plugins, disabled, extra=extra)
     except host.PluginError as error:
         raise click.UsageError(str(error)) from None
 
 
-@click.group()
+EXIT_STATUS = """Exit status: 0 all fine; 1 the report was written, but an image, a technique
+or a report hook failed; 2 bad arguments (nothing written); 3 internal error."""
+
+
+@click.group(cls=VizkitGroup, epilog=EXIT_STATUS)
 @click.version_option(__version__, prog_name="vizkit")
 def main():
-    """See what a convolutional network learned: one static HTML report per run."""
-    _start_tensorflow()  # every command loads the plugins, and with them TensorFlow
+    """See what a convolutional network learned: one static HTML report per run.
+
+    TensorFlow loads only in the commands that load a model (run, layers, demo).
+    """
 
 
 @main.command()
@@ -99,11 +119,13 @@ def run(model, inputs, techniques, outdir, preprocess, settings, weights, size, 
     MODEL is a .keras or .h5 file, a keras.applications name (vgg16, resnet50,
     mobilenet_v2, …) or package.module:function returning a model.
 
-    Exit status: 0 all fine, 1 the report was written but an image or technique failed,
-    2 bad arguments (nothing written).
+    \b
+    Exit status: 0 all fine; 1 the report was written, but an image, a technique
+    or a report hook failed; 2 bad arguments (nothing written); 3 internal error.
     """
     from vizkit.runner import run as run_report
 
+    pm = _host(plugins, disabled)
     try:
         configured = load_settings(config)
     except ConfigError as error:
@@ -121,11 +143,11 @@ def run(model, inputs, techniques, outdir, preprocess, settings, weights, size, 
         save_arrays=save_arrays,
     )
     try:
-        report, index = run_report(model, list(inputs), options, outdir, progress=_progress(quiet))
+        report, index = run_report(model, list(inputs), options, outdir, progress=_progress(quiet), pm=pm)
     except UsageError as error:
         raise click.UsageError(str(error)) from None
     click.echo(index)
-    sys.exit(1 if report.failed else 0)
+    sys.exit(ExitCode.FAILURES if report.failed else ExitCode.OK)
 
 
 @main.command()
@@ -136,12 +158,13 @@ def run(model, inputs, techniques, outdir, preprocess, settings, weights, size, 
 @plugin_options
 def layers(model, weights, size, as_json, plugins, disabled):
     """List every layer of MODEL (nested ones by path), with what each technique can use."""
+    pm = _host(plugins, disabled)
+    start_tensorflow()
     from vizkit.graph import ModelGraph
     from vizkit.models import ModelLoadError, load_model
 
-    pm = _host(plugins, disabled)
     try:
-        graph = ModelGraph(load_model(model, weights=weights, size=size, loaders=host.model_loaders(pm)).model)
+        graph = ModelGraph.of(load_model(model, weights=weights, size=size, loaders=host.model_loaders(pm)).model)
     except (ModelLoadError, ValueError) as error:
         raise click.UsageError(str(error)) from None
     checks = {name: r.technique.accepts for name, r in host.techniques(pm).items() if r.technique.accepts}
@@ -203,6 +226,8 @@ def techniques(name, plugins, disabled):
                     facts.append("one of: " + ", ".join(map(str, option.choices)))
                 if option.minimum is not None:
                     facts.append(f"at least {option.minimum:g}")
+                if option.maximum is not None:
+                    facts.append(f"at most {option.maximum:g}")
                 click.echo(
                     f"  -s {technique.name}.{option.name}=<{option.type.__name__}>  {option.help} [{'; '.join(facts)}]"
                 )
@@ -219,4 +244,4 @@ def demo(outdir, quiet):
     except UsageError as error:
         raise click.UsageError(str(error)) from None
     click.echo(index)
-    sys.exit(1 if report.failed else 0)
+    sys.exit(ExitCode.FAILURES if report.failed else ExitCode.OK)

@@ -58,10 +58,11 @@ class TechniqueRecord:
     name: str
     plugin: str
     description: str
-    status: str  # ok | error | skipped
+    status: str  # ok | partial (some images failed) | error | skipped
     params: dict[str, Any]
     error: str | None = None
     traceback: str | None = None
+    image_errors: list[dict] = field(default_factory=list)  # image_id, error, traceback
     duration_s: float | None = None
     notes: list[str] = field(default_factory=list)
     artifacts: list[ArtifactRecord] = field(default_factory=list)
@@ -79,6 +80,7 @@ class TechniqueRecord:
             "status": self.status,
             "error": self.error,
             "traceback": self.traceback,
+            "image_errors": self.image_errors,
             "duration_s": self.duration_s,
             "params": self.params,
             "notes": self.notes,
@@ -97,7 +99,7 @@ class Report:
     environment: dict[str, str] = field(default_factory=dict)
     plugins: list[dict] = field(default_factory=list)
     arrays_saved: bool = False
-    sections: list[dict] = field(default_factory=list)  # title, html, plugin, data
+    sections: list[dict] = field(default_factory=list)  # title, html, data
     plugin_errors: list[str] = field(default_factory=list)  # report hooks that raised
 
     @property
@@ -105,7 +107,7 @@ class Report:
         """Some image, technique or report hook failed (the report is still written)."""
         return (
             any(i.status == "error" for i in self.images)
-            or any(t.status == "error" for t in self.techniques)
+            or any(t.status in ("error", "partial") for t in self.techniques)
             or bool(self.plugin_errors)
         )
 
@@ -118,7 +120,7 @@ class Report:
             "skipped_files": self.skipped_files,
             "techniques": [t.to_json(self.arrays_saved) for t in self.techniques],
             "sections": [
-                {"title": s["title"], "plugin": s["plugin"], "data": s["data"]} for s in self.sections
+                {"title": s["title"], "data": s["data"]} for s in self.sections
             ],
             "plugin_errors": self.plugin_errors,
             "plugins": self.plugins,

@@ -25,6 +25,10 @@ from vizkit.extension import ReportSection
 from vizkit.labels import LabelsError, read_labels
 from vizkit.report import ArtifactRecord, ImageRecord, Report, TechniqueRecord
 from vizkit.technique import Artifact, OptionError, RunContext, suggest
+from vizkit.tensorflow_setup import start_tensorflow
+
+#: Images per batch for a ``run_batch`` technique without a ``batch`` option.
+DEFAULT_BATCH = 8
 
 #: Predictions kept per image in the report.
 TOP_PREDICTIONS = 5
@@ -51,22 +55,26 @@ class RunOptions:
     size: int | None = None
     labels: Path | None = None
     save_arrays: bool = False
+    #: Byte-identical output for identical inputs; None: when ``SOURCE_DATE_EPOCH`` is set.
+    #: It dates the report from ``SOURCE_DATE_EPOCH`` (else 1970), leaves durations out,
+    #: seeds random weights and turns on TensorFlow's op determinism, which TensorFlow
+    #: cannot turn off again: it stays on for the rest of the process.
+    reproducible: bool | None = None
+
+    @property
+    def is_reproducible(self) -> bool:
+        return "SOURCE_DATE_EPOCH" in os.environ if self.reproducible is None else self.reproducible
 
 
-def reproducible() -> bool:
-    """``SOURCE_DATE_EPOCH`` is set: byte-identical output for identical inputs."""
-    return "SOURCE_DATE_EPOCH" in os.environ
-
-
-def created_at() -> datetime:
-    if reproducible():
-        return datetime.fromtimestamp(int(os.environ["SOURCE_DATE_EPOCH"]), tz=timezone.utc)
+def created_at(reproducible: bool) -> datetime:
+    if reproducible:
+        return datetime.fromtimestamp(int(os.environ.get("SOURCE_DATE_EPOCH", "0")), tz=timezone.utc)
     return datetime.now(tz=timezone.utc).replace(microsecond=0)
 
 
-def default_outdir(model_name: str, base: Path = Path("reports")) -> Path:
+def default_outdir(model_name: str, created: datetime, base: Path = Path("reports")) -> Path:
     """``reports/<model>-<time>``, never an existing folder, so no report is overwritten."""
-    stem = f"{model_name}-{created_at().strftime('%Y%m%d-%H%M%S')}"
+    stem = f"{model_name}-{created.strftime('%Y%m%d-%H%M%S')}"
     candidate, n = base / stem, 1
     while candidate.exists():
         n += 1
@@ -87,7 +95,7 @@ def check_outdir(outdir: Path | None) -> None:
 
 def plan(options: RunOptions, pm=None):
     """Resolve techniques and their options before anything heavy loads; UsageError if bad."""
-    if reproducible() and not os.environ["SOURCE_DATE_EPOCH"].strip().isdigit():
+    if "SOURCE_DATE_EPOCH" in os.environ and not os.environ["SOURCE_DATE_EPOCH"].strip().isdigit():
         raise UsageError(f"SOURCE_DATE_EPOCH must be seconds since 1970, not {os.environ['SOURCE_DATE_EPOCH']!r}")
     try:
         pm = pm or host.plugin_manager(options.plugins, options.disabled_plugins)
@@ -147,14 +155,14 @@ def add_predictions(graph, images: list, preprocess, labels: list[str] | None) -
     """
     if not graph.is_classifier:
         return
-    for batch_images, batch in RunContext(graph, images, {}, preprocess).batches(16):
+    for batch in RunContext(graph, images, {}, preprocess).batches(16):
         try:
-            scores = graph.class_scores(batch)
+            scores = graph.class_scores(batch.inputs)
         except Exception:  # find which image it was: one at a time
-            for image in batch_images:
+            for image in batch.images:
                 add_predictions_one(graph, image, preprocess, labels)
             continue
-        for image, row in zip(batch_images, scores):
+        for image, row in zip(batch.images, scores):
             image.predictions = top_predictions(row, labels)
 
 
@@ -195,10 +203,13 @@ def run(
         print(f"vizkit: skipped {len(skipped)} file(s) that are not images (listed in the report)", file=sys.stderr)
 
     # The model loads only now, after the arguments were checked.
+    reproducible = options.is_reproducible
+    created = created_at(reproducible)
+    start_tensorflow()
     from vizkit.graph import ModelGraph
     from vizkit.models import ModelLoadError, load_model
 
-    if reproducible():
+    if reproducible:
         import keras
         import tensorflow as tf
 
@@ -207,7 +218,7 @@ def run(
     progress(f"loading model {getattr(model, 'name', model)}")
     try:
         loaded = load_model(model, weights=options.weights, size=options.size, loaders=host.model_loaders(pm))
-        graph = ModelGraph(loaded.model)
+        graph = ModelGraph.of(loaded.model)
     except (ModelLoadError, ValueError) as error:
         raise UsageError(str(error)) from None
     if preprocess is None:
@@ -229,6 +240,15 @@ def run(
             f"{graph.num_classes} classes"
         )
     labels = labels or loaded.labels
+    contexts = {
+        r.technique.name: RunContext(graph, [], params[r.technique.name], preprocess, labels, reproducible=reproducible)
+        for r in selected
+    }
+    try:
+        for registered in selected:  # values this model cannot take: a usage error, before any work
+            registered.technique.check_params(contexts[registered.technique.name])
+    except OptionError as error:
+        raise UsageError(str(error)) from None
 
     size = graph.fixed_size or ((options.size, options.size) if options.size else None)
     images = image_io.load_all(files, graph.channels, size, progress, max_side=FREE_SIZE_MAX_SIDE)
@@ -238,13 +258,14 @@ def run(
     add_predictions(graph, [image for image in images if image.ok], preprocess, labels)
     good = [image for image in images if image.ok]
 
-    records = [
-        _run_technique(registered, RunContext(graph, good, params[registered.technique.name], preprocess, labels), progress)
-        for registered in selected
-    ]
+    records = []
+    for registered in selected:
+        context = contexts[registered.technique.name]
+        context.images = good
+        records.append(_run_technique(registered, context, progress))
     report = Report(
         vizkit_version=__version__,
-        created=created_at().isoformat(),
+        created=created.isoformat(),
         model={
             "name": loaded.name,
             "source": loaded.source,
@@ -263,43 +284,55 @@ def run(
         plugins=host.describe_plugins(pm),
         arrays_saved=options.save_arrays,
     )
-    outdir = outdir or default_outdir(loaded.name)
+    outdir = outdir or default_outdir(loaded.name, created)
     progress(f"writing {outdir}")
-    theme = _apply_report_hooks(pm, report)
-    try:
-        index = render.write(report, outdir, theme)
-    except Exception as error:  # a plugin's template or CSS: write the page without them
-        if theme == render.Theme():
-            raise
-        report.plugin_errors.append(f"the report could not be rendered with the plugins' templates: {_traceback(error, 1)}")
-        print(f"vizkit: {report.plugin_errors[-1]}", file=sys.stderr)
-        index = render.write(report, outdir)
-    _, errors = host.call_each(pm, "report_written", report=report, outdir=outdir, index=index)
+    index = _write(report, outdir, _apply_report_hooks(pm, report))
+    _, errors = pm.call("report_written", report=report, outdir=outdir, index=index)
     for error in errors:
         print(f"vizkit: {error}", file=sys.stderr)
     report.plugin_errors += errors
     return report, index
 
 
+def _write(report: Report, outdir: Path, theme: render.Theme) -> Path:
+    """Render and write the report; the plugins' templates and CSS are dropped if they break it.
+
+    An error of vizkit's own here carries ``vizkit_outdir``: the CLI says which folder
+    may hold an incomplete report.
+    """
+    try:
+        try:
+            return render.write(report, outdir, theme)
+        except Exception as error:  # a plugin's template or CSS: write the page without them
+            if theme == render.Theme():
+                raise
+            report.plugin_errors.append(f"the report could not be rendered with the plugins' templates: {_traceback(error, 1)}")
+            print(f"vizkit: {report.plugin_errors[-1]}", file=sys.stderr)
+            return render.write(report, outdir)
+    except Exception as error:
+        error.vizkit_outdir = outdir
+        raise
+
+
 def _apply_report_hooks(pm, report: Report) -> render.Theme:
     """Plugin sections go into the report; their CSS and templates into the theme."""
-    sections, errors = host.call_each(pm, "report_sections", report=report)
-    for plugin, items in sections:
+    sections, errors = pm.call("report_sections", report=report)
+    for items in sections:
         for item in items if isinstance(items, (list, tuple)) else [items]:
             try:
                 if not isinstance(item, ReportSection):
                     raise TypeError(f"returned a {type(item).__name__}, not a vizkit ReportSection")
                 json.dumps(item.data, allow_nan=False)  # it goes into report.json
             except (TypeError, ValueError) as error:
-                errors.append(f"plugin {plugin}, hook report_sections: {error}")
+                errors.append(f"hook report_sections: section {getattr(item, 'title', '?')!r}: {error}")
                 continue
-            report.sections.append({"title": item.title, "html": item.html, "plugin": plugin, "data": item.data})
-    css, css_errors = host.call_each(pm, "report_css")
-    folders, folder_errors = host.call_each(pm, "report_templates")
+            report.sections.append({"title": item.title, "html": item.html, "data": item.data})
+    css, css_errors = pm.call("report_css")
+    folders, folder_errors = pm.call("report_templates")
     report.plugin_errors += errors + css_errors + folder_errors
     for error in report.plugin_errors:
         print(f"vizkit: {error}", file=sys.stderr)
-    return render.Theme([text for _, text in css], [Path(folder) for _, folder in folders])
+    return render.Theme(list(css), [Path(folder) for folder in folders])
 
 
 def _traceback(error: BaseException, limit: int = 8) -> str:
@@ -332,23 +365,61 @@ def _run_technique(registered, context: RunContext, progress) -> TechniqueRecord
     context.progress = lambda message: progress(f"{technique.name}: {message}")
     progress(f"{technique.name}: running")
     started = time.perf_counter()
+    artifacts: list[Artifact] = []
     try:
-        artifacts = list(technique.run(context))
-        for artifact in artifacts:
-            if not isinstance(artifact, Artifact):
-                raise TypeError(f"{technique.name} returned a {type(artifact).__name__}, not a vizkit Artifact")
-            artifact.check()
+        if technique.run_batch is None:
+            artifacts = _checked(technique, technique.run(context))
+        else:
+            if technique.prepare is not None:
+                technique.prepare(context)
+            artifacts = _run_batches(technique, context, record)
     except Exception as error:  # a plugin's failure must not cost the rest of the report
         record.status = "error"
         record.error = f"{type(error).__name__}: {error}"
         record.traceback = _traceback(error)
         print(f"vizkit: technique {technique.name} failed: {record.error}", file=sys.stderr)
-        artifacts = []
-    if not reproducible():
+    if record.image_errors and record.status == "ok":
+        record.status = "partial" if artifacts else "error"
+        record.error = record.error or f"{len(record.image_errors)} image(s) failed"
+    if not context.reproducible:
         record.duration_s = round(time.perf_counter() - started, 3)
     record.notes = context.notes
     record.artifacts = _artifact_records(technique.name, artifacts)
     return record
+
+
+def _checked(technique, artifacts) -> list[Artifact]:
+    artifacts = list(artifacts)
+    for artifact in artifacts:
+        if not isinstance(artifact, Artifact):
+            raise TypeError(f"{technique.name} returned a {type(artifact).__name__}, not a vizkit Artifact")
+    return artifacts
+
+
+def _run_batches(technique, context: RunContext, record: TechniqueRecord) -> list[Artifact]:
+    """Each batch through ``run_batch``; a batch that fails is retried image by image, so
+    one bad image costs only its own artifacts (recorded in ``record.image_errors``)."""
+    artifacts: list[Artifact] = []
+    for batch in context.batches(context.params.get("batch") or DEFAULT_BATCH):
+        try:
+            artifacts += _checked(technique, technique.run_batch(context, batch))
+            continue
+        except Exception as error:
+            if len(batch) == 1:
+                _image_failed(technique, record, batch.images[0], error)
+                continue
+        for image in batch.images:
+            try:
+                artifacts += _checked(technique, technique.run_batch(context, context.batch_of([image])))
+            except Exception as error:
+                _image_failed(technique, record, image, error)
+    return artifacts
+
+
+def _image_failed(technique, record: TechniqueRecord, image, error: Exception) -> None:
+    message = f"{type(error).__name__}: {error}"
+    record.image_errors.append({"image_id": image.id, "error": message, "traceback": _traceback(error)})
+    print(f"vizkit: technique {technique.name} failed on {image.path}: {message}", file=sys.stderr)
 
 
 def _artifact_records(technique: str, artifacts) -> list[ArtifactRecord]:

@@ -4,27 +4,37 @@ from __future__ import annotations
 
 import difflib
 import math
+import sys
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
+if TYPE_CHECKING:  # for the annotations only: importing the graph would load Keras
+    from vizkit.graph import LayerInfo, ModelGraph
+    from vizkit.images import LoadedImage
+
 
 class OptionError(ValueError):
-    """A technique option has an unknown name or a value of the wrong kind."""
+    """A technique option has an unknown name or a value that cannot work."""
 
 
-def suggest(name: str, valid: Sequence[str]) -> str:
+def suggest(name: str, valid: Sequence[str], limit: int | None = None) -> str:
     """``valid`` as a comma list, the closest matches to ``name`` first.
 
     Ties go to names with the same letters in another order (``vgg61`` → ``vgg16``).
+    With ``limit``, only that many, then "… and N more".
     """
 
     def distance(candidate: str) -> tuple[float, bool]:
         ratio = difflib.SequenceMatcher(None, name, candidate).ratio()
         return -ratio, sorted(name) != sorted(candidate)
 
-    return ", ".join(sorted(valid, key=distance))
+    ranked = sorted(valid, key=distance)
+    if limit is not None and len(ranked) > limit:
+        return ", ".join(ranked[:limit]) + f", … and {len(ranked) - limit} more"
+    return ", ".join(ranked)
 
 
 @dataclass(frozen=True)
@@ -33,6 +43,9 @@ class Option:
 
     ``type`` is ``int``, ``float``, ``str``, ``bool`` or ``list`` (a comma list of strings).
     A default of ``None`` means "the technique decides" (for example from the model).
+    ``check(value, context)`` runs once the model is loaded, before any work, for values
+    that are not None: raise ``ValueError`` for a value this model cannot take (a layer
+    it lacks, a patch larger than its input), and the run stops as a usage error (exit 2).
     """
 
     name: str
@@ -41,6 +54,8 @@ class Option:
     help: str
     choices: tuple[Any, ...] | None = None
     minimum: float | None = None
+    maximum: float | None = None
+    check: Callable[[Any, "RunContext"], None] | None = None
 
     def parse(self, technique: str, raw: Any) -> Any:
         where = f"{technique}.{self.name}"
@@ -57,6 +72,8 @@ class Option:
             raise OptionError(f"{where}: {raw!r} is not a finite number")
         if self.minimum is not None and value < self.minimum:
             raise OptionError(f"{where}: {raw!r} is below the minimum {self.minimum:g}")
+        if self.maximum is not None and value > self.maximum:
+            raise OptionError(f"{where}: {raw!r} is above the maximum {self.maximum:g}")
         return value
 
     def _convert(self, raw: Any) -> Any:
@@ -88,12 +105,22 @@ class Option:
         raise ValueError(raw)
 
 
+def _caller_outside_vizkit_core() -> str:
+    """``file:line`` of the code that built an object, skipping this module and dataclass
+    machinery, so an error points at the plugin's line."""
+    frame = sys._getframe(2)
+    while frame is not None and (frame.f_code.co_filename in (__file__, "<string>")):
+        frame = frame.f_back
+    return f"{Path(frame.f_code.co_filename).name}:{frame.f_lineno}" if frame else "?"
+
+
 @dataclass(frozen=True)
 class Artifact:
     """One picture of a technique's result, with the raw numbers behind it.
 
     ``array`` holds what notebooks and CI diffs use (see each technique's docs);
-    ``picture`` is the uint8 image (H×W or H×W×3, RGB) shown in the report.
+    ``picture`` is the uint8 image (H×W or H×W×3, RGB) shown in the report. Both are
+    checked when the artifact is made, so a wrong one fails at the plugin's own line.
     """
 
     title: str
@@ -103,67 +130,107 @@ class Artifact:
     layer: str | None = None
     caption: str = ""
 
-    def check(self) -> None:
-        """TypeError naming the problem, for what the report could not show or save."""
+    def __post_init__(self) -> None:
+        problem = self._problem()
+        if problem:
+            raise TypeError(f"artifact {self.title!r} (made at {_caller_outside_vizkit_core()}): {problem}")
+
+    def _problem(self) -> str | None:
         if not isinstance(self.array, np.ndarray):
-            raise TypeError(f"artifact {self.title!r}: array is {type(self.array).__name__}, not a NumPy array")
+            return f"array is {type(self.array).__name__}, not a NumPy array"
         picture = self.picture
         if not (
             isinstance(picture, np.ndarray) and picture.dtype == np.uint8
             and (picture.ndim == 2 or (picture.ndim == 3 and picture.shape[-1] == 3))
+            and picture.size > 0
         ):
             described = f"{picture.dtype} {picture.shape}" if isinstance(picture, np.ndarray) else type(picture).__name__
-            raise TypeError(f"artifact {self.title!r}: picture must be uint8 H×W or H×W×3, not {described}")
+            return f"picture must be uint8 H×W or H×W×3, not {described}"
+        return None
+
+
+@dataclass
+class Batch:
+    """Up to ``batch`` images of one shape: as 0-255 pixels and as the model's input."""
+
+    images: list["LoadedImage"]
+    pixels: np.ndarray  # N×H×W×C float32, 0-255
+    inputs: np.ndarray  # the same, preprocessed for the model
+
+    def __len__(self) -> int:
+        return len(self.images)
 
 
 @dataclass
 class RunContext:
     """What a technique gets: the model, the decoded images, its validated options.
 
-    ``model`` is a :class:`vizkit.graph.ModelGraph`; each of ``images`` is a
+    ``model`` is a :class:`vizkit.ModelGraph`; each of ``images`` is a
     :class:`vizkit.images.LoadedImage` that decoded fine, with ``predictions`` filled in
     for classifiers. ``preprocess`` maps 0-255 pixels to the model's input space.
+    ``reproducible`` is true when the run must be byte-identical (``SOURCE_DATE_EPOCH``):
+    keep timings and other run-to-run noise out of notes and artifacts then.
     """
 
-    model: Any
+    model: "ModelGraph"
     images: list
     params: dict[str, Any]
     preprocess: Callable[[Any], Any] = lambda x: x
     labels: list[str] | None = None
     progress: Callable[[str], None] = lambda message: None
     notes: list[str] = field(default_factory=list)
+    reproducible: bool = False
 
     def note(self, message: str) -> None:
         """Tell the reader something about this run (shown in the technique's section)."""
         self.notes.append(message)
 
-    def batches(self, size: int, preprocessed: bool = True) -> Iterator[tuple[list, np.ndarray]]:
-        """(images, batch) for runs of up to ``size`` images of equal shape.
-
-        The batch is preprocessed for the model, or 0-255 pixels with ``preprocessed=False``
-        (for techniques that differentiate through ``preprocess`` themselves).
-        """
-        prepare = self.preprocess if preprocessed else (lambda x: x)
+    def batches(self, size: int) -> Iterator[Batch]:
+        """Runs of up to ``size`` consecutive images of equal shape, in input order."""
         group: list = []
         for image in self.images:
             if group and (len(group) == size or image.array.shape != group[0].array.shape):
-                yield group, prepare(np.stack([g.array for g in group]))
+                yield self.batch_of(group)
                 group = []
             group.append(image)
         if group:
-            yield group, prepare(np.stack([g.array for g in group]))
+            yield self.batch_of(group)
+
+    def batch_of(self, images: list) -> Batch:
+        pixels = np.stack([image.array for image in images]).astype("float32", copy=False)
+        return Batch(list(images), pixels, np.asarray(self.preprocess(pixels), dtype="float32"))
 
 
 @dataclass(frozen=True)
 class Technique:
-    """A visualization technique: a name, a ``run(context) -> list[Artifact]``, options."""
+    """A visualization technique: a name, a description, options, and one of two runners.
+
+    ``run_batch(context, batch) -> Iterable[Artifact]`` explains one :class:`Batch` of
+    images (the host batches them by the technique's ``batch`` option, default 8, and an
+    image that fails costs only that image's artifacts; ``prepare(context)`` runs once
+    before). ``run(context) ->
+    Iterable[Artifact]`` is for results that are not per image (filter patterns).
+    """
 
     name: str
-    run: Callable[[RunContext], list[Artifact]]
-    description: str
+    run: Callable[[RunContext], Iterable[Artifact]] | None = None
+    description: str = ""
     options: tuple[Option, ...] = ()
     #: Which layers it can use, given a ``vizkit.graph.LayerInfo`` (shown by ``vizkit layers``).
-    accepts: Callable[[Any], bool] | None = None
+    accepts: Callable[["LayerInfo"], bool] | None = None
+    run_batch: Callable[[RunContext, Batch], Iterable[Artifact]] | None = None
+    #: Called once before the batches of a ``run_batch`` technique: note the choices made
+    #: for the whole run (the layer and why); raising fails the whole technique.
+    prepare: Callable[[RunContext], None] | None = None
+
+    def __post_init__(self) -> None:
+        if (self.run is None) == (self.run_batch is None):
+            raise TypeError(f"technique {self.name!r}: give exactly one of run= and run_batch=")
+        if not self.description:
+            raise TypeError(f"technique {self.name!r}: a description is required (vizkit techniques shows it)")
+        names = [option.name for option in self.options]
+        if len(names) != len(set(names)):
+            raise TypeError(f"technique {self.name!r}: option names repeat: {names}")
 
     def resolve_params(self, raw: dict[str, Any]) -> dict[str, Any]:
         """Defaults overlaid with ``raw`` (strings from the CLI or typed values), validated."""
@@ -178,3 +245,25 @@ class Technique:
         for key, value in raw.items():
             params[key] = by_name[key].parse(self.name, value)
         return params
+
+    def apply(self, context: RunContext, batch_size: int = 8) -> list[Artifact]:
+        """Every artifact for ``context.images``, as a run makes them but with errors raised:
+        for notebooks and tests. A run batches by the ``batch`` option, else ``batch_size``."""
+        if self.run_batch is None:
+            return list(self.run(context))
+        if self.prepare is not None:
+            self.prepare(context)
+        size = context.params.get("batch") or batch_size
+        return [artifact for batch in context.batches(size) for artifact in self.run_batch(context, batch)]
+
+    def check_params(self, context: RunContext) -> None:
+        """Run each option's ``check`` against the loaded model; OptionError names the option."""
+        for option in self.options:
+            value = context.params.get(option.name)
+            if option.check is None or value is None:
+                continue
+            try:
+                option.check(value, context)
+            except (ValueError, KeyError) as error:
+                message = error.args[0] if error.args else type(error).__name__
+                raise OptionError(f"{self.name}.{option.name}: {message}") from None

@@ -7,10 +7,11 @@
 
 Fixtures: ``vizkit_model`` (a tiny Keras classifier), ``vizkit_model_file`` (it, saved as
 .keras), ``vizkit_images`` (a folder with vizkit's three sample photos),
-``vizkit_context`` (a ready :class:`vizkit.technique.RunContext` for calling a technique's
-``run`` directly), ``vizkit_cli`` (runs the ``vizkit`` command in-process) and
-``vizkit_plugin`` (registers a plugin object for one test). This module imports nothing
-heavy until a fixture is used, since pytest loads it in every session.
+``vizkit_context`` (a ready :class:`vizkit.RunContext` for calling a technique directly),
+``vizkit_cli`` (runs the ``vizkit`` command in-process, with the plugins of
+``vizkit_plugin``), ``vizkit_plugin`` (adds a plugin object to this test's runs) and
+``vizkit_host`` (the plugin host such a run uses). This module imports nothing heavy
+until a fixture is used, since pytest loads it in every session.
 """
 
 from __future__ import annotations
@@ -66,13 +67,12 @@ def vizkit_context(vizkit_model, vizkit_images):
     As in a real run: the tiny model, the images with their predictions, and, given a
     technique, ``params`` validated and completed with its defaults.
     """
+    from vizkit import ModelGraph, RunContext
     from vizkit import images as image_io
-    from vizkit.graph import ModelGraph
     from vizkit.preprocess import unit
     from vizkit.runner import add_predictions
-    from vizkit.technique import RunContext
 
-    graph = ModelGraph(vizkit_model)
+    graph = ModelGraph.of(vizkit_model)
     files, _ = image_io.collect([vizkit_images])
     loaded = image_io.load_all(files, graph.channels, graph.fixed_size)
 
@@ -87,30 +87,39 @@ def vizkit_context(vizkit_model, vizkit_images):
 
 
 @pytest.fixture
-def vizkit_cli():
+def vizkit_plugin():
+    """``register(plugin, name=None)``: the plugin takes part in this test's vizkit runs
+    (``vizkit_cli``, ``vizkit_host``); nothing global changes."""
+    added: list[tuple[str, object]] = []
+
+    def register(plugin, name: str | None = None) -> None:
+        added.append((name or getattr(plugin, "__name__", type(plugin).__name__), plugin))
+
+    register.plugins = added
+    return register
+
+
+@pytest.fixture
+def vizkit_cli(vizkit_plugin):
     """``invoke(*args, env=None)`` → click's Result of ``vizkit *args``, run in-process."""
     from click.testing import CliRunner
 
     from vizkit.cli import main
 
     def invoke(*args, env: dict | None = None):
-        return CliRunner().invoke(main, [str(arg) for arg in args], env=env, catch_exceptions=False)
+        return CliRunner().invoke(
+            main, [str(arg) for arg in args], env=env, catch_exceptions=False, obj={"plugins": vizkit_plugin.plugins}
+        )
 
     return invoke
 
 
 @pytest.fixture
-def vizkit_plugin():
-    """``register(plugin, name=None)``: the plugin takes part in every vizkit run of this test."""
+def vizkit_host(vizkit_plugin):
+    """``make(plugins=(), disabled=())`` → the plugin host a run of this test would use."""
     from vizkit import host
 
-    added: list[str] = []
+    def make(plugins=(), disabled=()):
+        return host.plugin_manager(plugins, disabled, extra=vizkit_plugin.plugins)
 
-    def register(plugin, name: str | None = None) -> None:
-        name = name or getattr(plugin, "__name__", type(plugin).__name__)
-        host.TEST_PLUGINS[name] = plugin
-        added.append(name)
-
-    yield register
-    for name in added:
-        host.TEST_PLUGINS.pop(name, None)
+    return make

@@ -1,82 +1,38 @@
 """smoothgrad: which input pixels the class score is most sensitive to, with the noise averaged out.
 
 A vizkit technique plugin (Smilkov et al. 2017, "SmoothGrad: removing noise by adding
-noise", https://arxiv.org/abs/1706.03825). For an image x of class c:
+noise", https://arxiv.org/abs/1706.03825), written against vizkit's public API only
+(``vizkit`` and ``vizkit.kit``). For an image x of class c:
 
     σ        = noise × (max(x) − min(x))
     M̂_c(x)   = 1/n Σ_{k=1..n} ∂S_c(x + ε_k) / ∂x,     ε_k ~ N(0, σ²), n = samples
     map(x)   = max over channels of |M̂_c(x)|, divided by its maximum (all zero stays zero)
 
-S_c is the model's output for class c (as Grad-CAM uses it), and x the image in 0-255
-pixels: the gradient goes through the model's preprocessing, so maps of models with
-different preprocessing are comparable. The noise comes from NumPy: each image draws
-``np.random.default_rng(seed).standard_normal((samples, H, W, C), dtype=float32)`` and
-scales it by its own σ, so an image's map depends only on the image, the class and the
-options, never on which other images are in the run or in which order.
-
-Installed, the package declares this module under the ``vizkit`` entry point group, so
-``vizkit run MODEL IMAGES -t smoothgrad`` finds it; ``smoothgrad()`` is the same
-computation for notebooks.
+S_c is the class logit (``score=logit``, as in the paper) or the model's output
+probability (``score=probability``), and x the image in 0-255 pixels: the gradient goes
+through the model's preprocessing, so maps of models with different preprocessing are
+comparable. Each image draws its noise from ``np.random.default_rng(seed)``, so its map
+depends only on the image, the class and the options, never on the other images.
 """
 
 from __future__ import annotations
 
-import weakref
 from typing import Callable, Sequence
 
 import numpy as np
-import tensorflow as tf
 
-from vizkit import hookimpl
-from vizkit.graph import ModelGraph
-from vizkit.imaging import overlay_heatmap
-from vizkit.technique import Artifact, Option, RunContext, Technique
+import vizkit
+from vizkit import Artifact, Option, Technique, hookimpl, kit
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
-#: Gap between the overlay and the grayscale map in the report's picture, in pixels.
-GAP = 4
-ALPHA = 0.5
 #: The picture caps the map at this percentile (the paper's visualization); see display_scale.
 DISPLAY_PERCENTILE = 99.0
 
 
-def identity(x):
-    """No preprocessing: the model takes 0-255 pixels."""
-    return x
-
-
-# A differentiable model from the graph's input to its (first) output, one per graph.
-_FORWARD: "weakref.WeakKeyDictionary[ModelGraph, object]" = weakref.WeakKeyDictionary()
-
-
-def _forward(graph: ModelGraph):
-    if graph not in _FORWARD:
-        probe = graph.probe([], with_output=True)
-
-        def forward(x):
-            out = probe(x, training=False)
-            # Keras returns a one-output model's output bare or as a one-element list.
-            return out[0] if isinstance(out, (list, tuple)) else out
-
-        _FORWARD[graph] = forward
-    return _FORWARD[graph]
-
-
-def _require_classifier(graph: ModelGraph) -> None:
-    if not graph.is_classifier:
-        raise ValueError(
-            "smoothgrad needs a classifier (output: one score per class, more than one class); "
-            f"{graph.name} outputs shape {graph.output_shape}"
-        )
-
-
 def image_noise(image: np.ndarray, samples: int, noise: float, seed: int) -> np.ndarray:
-    """The ``samples`` noise images added to ``image`` (H×W×C), samples×H×W×C float32.
-
-    Standard normal draws of a fresh ``np.random.default_rng(seed)``, times
-    σ = ``noise`` × (max − min) of the image's pixels.
-    """
+    """The ``samples`` noise images added to ``image`` (H×W×C): standard normal draws of a
+    fresh ``np.random.default_rng(seed)`` times σ = ``noise`` × (max − min) of its pixels."""
     sigma = np.float32(noise * (float(image.max()) - float(image.min())))
     draws = np.random.default_rng(seed).standard_normal((samples, *image.shape), dtype=np.float32)
     return draws * sigma
@@ -89,153 +45,88 @@ def smoothgrad(
     samples: int = 25,
     noise: float = 0.15,
     seed: int = 0,
-    preprocess: Callable = identity,
+    preprocess: Callable = lambda x: x,
     batch: int = 25,
+    score: str = "logit",
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(maps, classes): SmoothGrad of N images, N×H×W float32 in [0, 1], and the classes explained.
+    """(maps, classes): SmoothGrad of N images (N×H×W×C, 0-255 pixels), N×H×W float32 in
+    [0, 1], and the classes explained (default: each image's top-1 on the clean image).
 
-    ``model`` is a keras.Model or a :class:`vizkit.graph.ModelGraph`; ``batch_pixels`` are
-    N×H×W×C images in 0-255 pixels (not preprocessed: ``preprocess`` maps them to the
-    model's input and is differentiated through). ``classes`` is one class for all images,
-    one per image, or None for each image's top-1 class on the clean image. The noisy
-    copies of an image go through the model in batches of up to ``batch``, one
-    GradientTape per batch.
+    The noisy copies of an image go through the model ``batch`` at a time.
     """
-    graph = ModelGraph.of(model)
-    _require_classifier(graph)
+    graph = vizkit.ModelGraph.of(model)
+    kit.require_classifier(graph, "smoothgrad")
     pixels = np.asarray(batch_pixels, dtype=np.float32)
     if pixels.ndim != 4:
         raise ValueError(f"batch_pixels must be N×H×W×C, got shape {pixels.shape}")
-    if samples < 1 or batch < 1:
-        raise ValueError(f"samples and batch must be at least 1, got {samples} and {batch}")
-    if noise < 0:
-        raise ValueError(f"noise must not be negative, got {noise}")
-    forward = _forward(graph)
-    count = len(pixels)
-    num_classes = graph.output_shape[0]
-    if classes is None:
-        scores = forward(preprocess(tf.convert_to_tensor(pixels)))
-        targets = tf.argmax(scores, axis=-1, output_type=tf.int32).numpy()
-    else:
-        targets = np.broadcast_to(np.asarray(classes, dtype=np.int32), (count,)).copy()
-        bad = targets[(targets < 0) | (targets >= num_classes)]
-        if bad.size:
-            raise ValueError(f"class {int(bad[0])} is outside 0-{num_classes - 1}")
-
+    if samples < 1 or batch < 1 or noise < 0:
+        raise ValueError(f"samples and batch must be at least 1 and noise not negative, got {samples}, {batch}, {noise}")
+    targets = kit.target_classes(graph.class_scores(preprocess(pixels)), classes)
     maps = np.zeros(pixels.shape[:3], dtype=np.float32)
     for i, image in enumerate(pixels):
         noisy = image[None] + image_noise(image, samples, noise, seed)
         total = np.zeros(image.shape, dtype=np.float64)
         for start in range(0, samples, batch):
-            x = tf.convert_to_tensor(noisy[start : start + batch])
-            with tf.GradientTape() as tape:
-                tape.watch(x)
-                class_scores = forward(preprocess(x))[:, int(targets[i])]
-            # The rows do not mix (inference mode), so the gradient of their sum is each
-            # row's own gradient.
-            grads = tape.gradient(class_scores, x)
-            total += tf.reduce_sum(grads, axis=0).numpy()
-        saliency = np.abs(total / samples).max(axis=-1)
-        peak = saliency.max()
-        if peak > 0:
-            maps[i] = saliency / peak
+            gradients, _ = kit.input_gradients(graph, noisy[start : start + batch], int(targets[i]), preprocess, score)
+            total += gradients.sum(axis=0)
+        maps[i] = kit.normalize_heatmap(np.abs(total / samples).max(axis=-1))
     return maps, targets
 
 
-# -- the technique -------------------------------------------------------------
-
-
-def _label(index: int, labels: list[str] | None) -> str:
-    return f"{index} {labels[index]}" if labels and 0 <= index < len(labels) else str(index)
-
-
-def _resize_nearest(array: np.ndarray, height: int, width: int) -> np.ndarray:
-    rows = np.arange(height) * array.shape[0] // height
-    cols = np.arange(width) * array.shape[1] // width
-    return array[rows[:, None], cols[None, :]]
-
-
 def display_scale(saliency: np.ndarray, percentile: float = DISPLAY_PERCENTILE) -> np.ndarray:
-    """The map as shown: capped at its 99th percentile and stretched to [0, 1].
-
-    A few pixels with the largest gradients would otherwise leave the rest of the map
-    black; the paper's figures cap the same way. Only the picture is scaled so; the
-    artifact's array keeps the map divided by its maximum.
-    """
+    """The map as shown: capped at its 99th percentile and stretched to [0, 1], so a few
+    large gradients do not leave the rest black (the paper's figures do the same). Only
+    the picture is scaled so; the artifact's array keeps the map divided by its maximum."""
     cap = float(np.percentile(saliency, percentile)) if saliency.size else 0.0
-    if cap <= 0:
-        cap = float(saliency.max())
-    if cap <= 0:
-        return np.zeros_like(saliency, dtype=np.float32)
-    return np.clip(saliency / cap, 0, 1).astype(np.float32)
+    cap = cap if cap > 0 else float(saliency.max(initial=0.0))
+    return np.clip(saliency / cap, 0, 1).astype(np.float32) if cap > 0 else np.zeros_like(saliency, dtype=np.float32)
 
 
-def picture(display: np.ndarray, saliency: np.ndarray, alpha: float = ALPHA) -> np.ndarray:
-    """The report's picture: the JET overlay on the photo, and the map in grayscale beside it."""
-    shown = display_scale(saliency)
-    overlay = overlay_heatmap(display, shown, alpha)
-    height, width = overlay.shape[:2]
-    gray = np.uint8(np.round(255 * _resize_nearest(shown, height, width)))
-    out = np.full((height, 2 * width + GAP, 3), 255, dtype=np.uint8)
-    out[:, :width] = overlay
-    out[:, width + GAP :] = gray[..., None]
-    return out
-
-
-def run(context: RunContext) -> list[Artifact]:
-    params = {option.name: option.default for option in OPTIONS} | dict(context.params)
-    graph = context.model
-    _require_classifier(graph)
-    target = params["class"]
-    if target is not None and not 0 <= target < graph.output_shape[0]:
-        raise ValueError(f"smoothgrad.class: {target} is outside 0-{graph.output_shape[0] - 1}")
+def prepare(context) -> None:
+    kit.require_classifier(context.model, "smoothgrad")
+    p = context.params
     context.note(
-        f"{params['samples']} noisy copies per image, Gaussian noise with σ = {params['noise']:g} × "
-        f"(max − min) of the image's pixels, seed {params['seed']}; "
-        "the map is max over channels of |mean gradient|, divided by its maximum"
+        f"{p['samples']} noisy copies per image, Gaussian noise with σ = {p['noise']:g} × (max − min) of "
+        f"the image's pixels, seed {p['seed']}; the map is max over channels of |mean gradient of the "
+        f"class {p['score']}|, divided by its maximum"
+    )
+
+
+def run_batch(context, batch) -> list[Artifact]:
+    p = context.params
+    maps, classes = smoothgrad(
+        context.model, batch.pixels, kit.resolve_class(context), p["samples"], p["noise"], p["seed"],
+        context.preprocess, p["per_pass"], p["score"],
     )
     artifacts = []
-    for image in context.images:
-        context.progress(image.id)
-        maps, classes = smoothgrad(
-            graph,
-            image.array[None],
-            classes=target,
-            samples=params["samples"],
-            noise=params["noise"],
-            seed=params["seed"],
-            preprocess=context.preprocess,
-            batch=params["batch"],
-        )
-        saliency, cls = maps[0], int(classes[0])
-        if not saliency.any():
-            context.note(f"{image.id}: the map is all zero (the score of class {cls} has no gradient here)")
-        sigma = params["noise"] * float(image.array.max() - image.array.min())
+    for image, saliency, cls in zip(batch.images, maps, classes):
+        shown = display_scale(saliency)
+        height, width = image.display.shape[:2]
         artifacts.append(
             Artifact(
-                title=f"{image.id} · class {_label(cls, context.labels)}",
+                title=f"{image.id} · class {kit.describe_class(int(cls), context.labels)}",
                 array=saliency,
-                picture=picture(image.display, saliency),
+                picture=kit.side_by_side([kit.overlay_heatmap(image.display, shown, 0.5), kit.gray_picture(shown, height, width)]),
                 image_id=image.id,
-                caption=f"left: overlay; right: the map. σ = {sigma:.1f} pixel levels, {params['samples']} samples",
+                caption=f"left: overlay; right: the map. σ = {p['noise'] * float(np.ptp(image.array)):.1f} pixel levels, {p['samples']} samples",
             )
         )
     return artifacts
 
 
-OPTIONS = (
-    Option("samples", int, 25, "noisy copies averaged per image", minimum=1),
-    Option("noise", float, 0.15, "noise σ as a fraction of the image's (max − min) pixel range", minimum=0),
-    Option("class", int, None, "class index to explain; default: each image's top-1 class", minimum=0),
-    Option("seed", int, 0, "seed of the NumPy noise"),
-    Option("batch", int, 25, "noisy copies per forward/backward pass", minimum=1),
-)
-
 TECHNIQUE = Technique(
     name="smoothgrad",
-    run=run,
+    run_batch=run_batch,
+    prepare=prepare,
     description="SmoothGrad saliency: the input-pixel gradient of the class score, averaged over noisy copies (Smilkov et al. 2017).",
-    options=OPTIONS,
+    options=(
+        Option("samples", int, 25, "noisy copies averaged per image", minimum=1),
+        Option("noise", float, 0.15, "noise σ as a fraction of the image's (max − min) pixel range", minimum=0),
+        kit.class_option(),
+        kit.score_option("logit"),
+        Option("seed", int, 0, "seed of the NumPy noise"),
+        Option("per_pass", int, 25, "noisy copies per forward/backward pass", minimum=1),
+    ),
 )
 
 

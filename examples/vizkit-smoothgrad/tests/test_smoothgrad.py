@@ -69,7 +69,7 @@ def normalized_saliency(grad: np.ndarray) -> np.ndarray:
 
 
 def test_one_sample_without_noise_is_the_vanilla_gradient(vizkit_model, pixels):
-    maps, classes = smoothgrad(vizkit_model, pixels, samples=1, noise=0.0, preprocess=unit)
+    maps, classes = smoothgrad(vizkit_model, pixels, samples=1, noise=0.0, preprocess=unit, score="probability")
 
     top1 = np.argmax(vizkit_model.predict(unit(pixels), verbose=0), axis=-1)
     np.testing.assert_array_equal(classes, top1)
@@ -83,7 +83,7 @@ def test_noisy_maps_match_a_direct_numpy_reimplementation(vizkit_model, pixels):
     # batch=2 splits each image's 3 noisy copies into two passes.
     maps, used = smoothgrad(
         vizkit_model, pixels, classes=classes, samples=samples, noise=noise, seed=seed,
-        preprocess=unit, batch=2,
+        preprocess=unit, batch=2, score="probability",
     )
     np.testing.assert_array_equal(used, classes)
 
@@ -95,8 +95,8 @@ def test_noisy_maps_match_a_direct_numpy_reimplementation(vizkit_model, pixels):
         np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
 
     # The noise matters, and the seed makes it reproducible.
-    again, _ = smoothgrad(vizkit_model, pixels, classes=classes, samples=samples, noise=noise, seed=seed, preprocess=unit)
-    other, _ = smoothgrad(vizkit_model, pixels, classes=classes, samples=samples, noise=noise, seed=seed + 1, preprocess=unit)
+    again, _ = smoothgrad(vizkit_model, pixels, classes=classes, samples=samples, noise=noise, seed=seed, preprocess=unit, score="probability")
+    other, _ = smoothgrad(vizkit_model, pixels, classes=classes, samples=samples, noise=noise, seed=seed + 1, preprocess=unit, score="probability")
     np.testing.assert_allclose(again, maps, rtol=1e-5, atol=1e-6)
     assert not np.allclose(other, maps)
 
@@ -114,7 +114,7 @@ def test_a_model_that_is_not_a_classifier_is_refused(pixels):
 
 def test_run_gives_one_normalized_map_per_image(vizkit_context):
     context = vizkit_context(TECHNIQUE, {"samples": "2"}, labels=["circle", "square", "triangle", "star"])
-    artifacts = TECHNIQUE.run(context)
+    artifacts = TECHNIQUE.apply(context)
 
     assert [a.image_id for a in artifacts] == [image.id for image in context.images]
     for artifact, image in zip(artifacts, context.images):
@@ -159,7 +159,7 @@ def test_the_entry_point_is_discovered(vizkit_cli):
     assert row["status"] == "ok", row["error"]
     assert row["origin"] == "entry point"
     assert row["where"] == "vizkit-smoothgrad"
-    assert row["version"] == "0.1.0"
+    assert row["version"] == "0.2.0"
     assert row["techniques"] == ["smoothgrad"]
 
 

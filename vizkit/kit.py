@@ -1,0 +1,313 @@
+"""The helpers a technique plugin needs, public so that no plugin reaches into vizkit's insides.
+
+The built-in techniques use exactly these. Importing this module is cheap: OpenCV and
+TensorFlow load on first use, so a plugin can import it at the top and still be listed
+by ``vizkit plugins`` in a blink. ``docs/api.md`` documents each name.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Callable, Sequence
+
+import numpy as np
+
+from vizkit.labels import class_index, describe_class, describe_predictions, imagenet_labels
+from vizkit.samples import sample_photos
+from vizkit.technique import Option
+
+if TYPE_CHECKING:
+    from vizkit.graph import LayerInfo, ModelGraph
+    from vizkit.technique import RunContext
+
+__all__ = [
+    "COLORMAPS", "SCORES", "batch_option", "class_index", "class_option", "colorize", "conv_layer",
+    "conv_layers", "deprocess_pattern", "describe_class", "describe_predictions", "explainable_layer",
+    "feature_map_layer", "gray_picture", "imagenet_labels", "input_gradients", "last_feature_map_layer",
+    "layer_gradients", "layer_option", "layers_option", "normalize_heatmap", "overlay_heatmap", "require_classifier",
+    "resize", "resolve_class", "sample_photos", "score_option", "side_by_side", "spread_evenly", "standardize_channels",
+    "target_classes", "tile",
+]
+
+#: Colormap names accepted by :func:`colorize` and :func:`overlay_heatmap` (OpenCV's).
+COLORMAPS = ("jet", "turbo", "inferno", "magma", "plasma", "viridis", "hot", "bone")
+#: What a gradient technique differentiates: the pre-softmax logit (the Grad-CAM paper,
+#: today's libraries) or the model's output probability (the chapter).
+SCORES = ("logit", "probability")
+
+
+# -- pictures ----------------------------------------------------------------------------
+
+
+def standardize_channels(activation: np.ndarray) -> np.ndarray:
+    """Feature maps (H×W×C) as uint8 C×H×W, as the chapter shows each: (x − mean) / std × 64
+    + 128, clipped, per channel. A constant channel (std = 0) comes out flat gray, not NaN."""
+    x = np.moveaxis(activation.astype("float64"), -1, 0)
+    x = x - x.mean(axis=(1, 2), keepdims=True)
+    std = x.std(axis=(1, 2), keepdims=True)
+    x = np.divide(x, std, out=x, where=std > 0)
+    return np.clip(x * 64 + 128, 0, 255).astype("uint8")
+
+
+def deprocess_pattern(x: np.ndarray) -> np.ndarray:
+    """The chapter's deprocess of a filter pattern: center, std → 0.1, +0.5, clip, ×255."""
+    x = x.astype("float64") - x.mean()
+    x /= x.std() + 1e-5
+    x = np.clip(x * 0.1 + 0.5, 0, 1)
+    return np.clip(x * 255, 0, 255).astype("uint8")
+
+
+def tile(pictures: np.ndarray, per_row: int, margin: int = 0, fill: int = 0) -> np.ndarray:
+    """Lay N same-sized pictures (N×H×W or N×H×W×C) out in rows of ``per_row``."""
+    count, height, width = pictures.shape[:3]
+    rest = pictures.shape[3:]
+    per_row = max(1, min(per_row, count))
+    rows = -(-count // per_row)
+    cells = np.full((rows * per_row, height + margin, width + margin) + rest, fill, dtype=pictures.dtype)
+    cells[:count, :height, :width] = pictures
+    grid = cells.reshape((rows, per_row, height + margin, width + margin) + rest).swapaxes(1, 2)
+    grid = grid.reshape((rows * (height + margin), per_row * (width + margin)) + rest)
+    return grid[: grid.shape[0] - margin, : grid.shape[1] - margin]
+
+
+def normalize_heatmap(heatmap: np.ndarray) -> np.ndarray:
+    """Negative values cut to 0, then each map (the last two axes) divided by its maximum.
+
+    Grad-CAM's normalization; for a signed attribution, pass ``np.abs(attribution)``.
+    A map with no positive value stays all zero instead of becoming NaN.
+    """
+    positive = np.maximum(np.asarray(heatmap, dtype="float32"), 0)
+    peaks = positive.max(axis=(-2, -1), keepdims=True) if positive.size else positive
+    return np.divide(positive, peaks, out=np.zeros_like(positive), where=peaks > 0)
+
+
+def resize(array: np.ndarray, height: int, width: int, interpolation: str = "bilinear") -> np.ndarray:
+    """An H×W or H×W×C array resized to ``height``×``width`` (bilinear, nearest or area)."""
+    import cv2
+
+    modes = {"bilinear": cv2.INTER_LINEAR, "nearest": cv2.INTER_NEAREST, "area": cv2.INTER_AREA}
+    if interpolation not in modes:
+        raise ValueError(f"interpolation {interpolation!r} is not one of {', '.join(modes)}")
+    source = np.asarray(array)
+    dtype = source.dtype if source.dtype == np.uint8 else np.dtype("float32")
+    return cv2.resize(source.astype(dtype, copy=False), (int(width), int(height)), interpolation=modes[interpolation])
+
+
+def colorize(heatmap: np.ndarray, colormap: str = "jet") -> np.ndarray:
+    """A map in [0, 1] (H×W) as an RGB uint8 picture through an OpenCV colormap."""
+    import cv2
+
+    if colormap not in COLORMAPS:
+        raise ValueError(f"colormap {colormap!r} is not one of {', '.join(COLORMAPS)}")
+    code = getattr(cv2, f"COLORMAP_{colormap.upper()}")
+    colored = cv2.applyColorMap(np.uint8(255 * np.clip(heatmap, 0, 1)), code)
+    return cv2.cvtColor(colored, cv2.COLOR_BGR2RGB)
+
+
+def overlay_heatmap(
+    image: np.ndarray, heatmap: np.ndarray, alpha: float = 0.4, mode: str = "add", colormap: str = "jet"
+) -> np.ndarray:
+    """A heatmap in [0, 1], resized to ``image`` (uint8 H×W or H×W×3) and colored, over it.
+
+    ``mode="add"`` is the chapter's overlay, ``colored × alpha + image`` clipped (bright
+    photos wash out); ``mode="blend"`` mixes ``(1 − alpha) × image + alpha × colored``.
+    """
+    rgb = np.repeat(image[..., None], 3, axis=-1) if image.ndim == 2 else image[..., :3]
+    colored = colorize(resize(heatmap, *rgb.shape[:2]), colormap).astype("float32")
+    if mode == "add":
+        mixed = colored * alpha + rgb
+    elif mode == "blend":
+        mixed = (1 - alpha) * rgb.astype("float32") + alpha * colored
+    else:
+        raise ValueError(f"overlay mode {mode!r} is not add or blend")
+    return np.clip(mixed, 0, 255).astype("uint8")
+
+
+def gray_picture(heatmap: np.ndarray, height: int | None = None, width: int | None = None) -> np.ndarray:
+    """A map in [0, 1] as a uint8 gray picture, resized (nearest: pixels stay visible) if asked."""
+    shown = np.clip(np.asarray(heatmap, dtype="float32"), 0, 1)
+    if height is not None and width is not None:
+        shown = resize(shown, height, width, "nearest")
+    return np.uint8(np.round(255 * shown))
+
+
+def side_by_side(pictures: Sequence[np.ndarray], gap: int = 4, fill: int = 255) -> np.ndarray:
+    """uint8 pictures (gray or RGB) in one row, top-aligned, ``gap`` pixels apart."""
+    rgb = [np.repeat(p[..., None], 3, axis=-1) if p.ndim == 2 else p for p in pictures]
+    height = max(p.shape[0] for p in rgb)
+    width = sum(p.shape[1] for p in rgb) + gap * (len(rgb) - 1)
+    out = np.full((height, width, 3), fill, dtype=np.uint8)
+    left = 0
+    for picture in rgb:
+        out[: picture.shape[0], left : left + picture.shape[1]] = picture
+        left += picture.shape[1] + gap
+    return out
+
+
+# -- layers ------------------------------------------------------------------------------
+
+
+def feature_map_layer(info: "LayerInfo") -> bool:
+    """A layer with an H×W×C output (a nested model counts as its layers, not itself)."""
+    return info.feature_map
+
+
+def explainable_layer(info: "LayerInfo") -> bool:
+    """A feature-map layer on the path to the output that is explained (CAM methods)."""
+    return info.feature_map and info.feeds_output
+
+
+def conv_layer(info: "LayerInfo") -> bool:
+    return info.conv
+
+
+def conv_layers(graph: "ModelGraph") -> list[str]:
+    """Paths of the convolution layers, in order."""
+    return [info.path for info in graph.layers if info.conv]
+
+
+def spread_evenly(items: list[str], count: int) -> list[str]:
+    """``count`` items evenly spaced from first to last (all of them if there are fewer)."""
+    if count <= 0 or len(items) <= count:
+        return list(items)
+    picks = np.linspace(0, len(items) - 1, count).round().astype(int)
+    return [items[i] for i in dict.fromkeys(picks)]
+
+
+def last_feature_map_layer(graph: "ModelGraph") -> tuple[str, str]:
+    """(path, why): the last feature-map layer before the classifier, pooling and 1×1 skipped.
+
+    Grad-CAM's layer: ``block5_conv3`` on VGG16, as in the chapter; found inside nested
+    models too.
+    """
+    for info in reversed(graph.layers):
+        if explainable_layer(info) and not info.pooling and (info.shape[0] or 2) * (info.shape[1] or 2) > 1:
+            return info.path, (
+                "the last layer with an H×W×C output larger than 1×1 before the classifier "
+                "(pooling layers skipped)"
+            )
+    raise ValueError("the model has no layer with an H×W×C output to explain; name one with the layer option")
+
+
+# -- classes -----------------------------------------------------------------------------
+
+
+def require_classifier(graph: "ModelGraph", technique: str) -> None:
+    """ValueError unless the model gives one score per class (or one sigmoid unit)."""
+    if not graph.is_classifier:
+        raise ValueError(
+            f"{technique} needs a classifier (output: one score per class); "
+            f"{graph.name} outputs shape {graph.output_shape}"
+        )
+
+
+def target_classes(scores: np.ndarray, classes: int | Sequence[int] | None = None) -> np.ndarray:
+    """The class to explain for each row of ``scores`` (N × classes): the top-1 class, or
+    ``classes`` (one for all, or one per row), checked against the number of classes."""
+    scores = np.asarray(scores)
+    if classes is None:
+        return np.argmax(scores, axis=-1).astype("int32")
+    targets = np.broadcast_to(np.asarray(classes, dtype="int32"), (len(scores),)).copy()
+    outside = targets[(targets < 0) | (targets >= scores.shape[-1])]
+    if outside.size:
+        raise ValueError(f"class {int(outside[0])} is outside 0-{scores.shape[-1] - 1}")
+    return targets
+
+
+# -- options shared by techniques --------------------------------------------------------
+
+
+def layer_option(purpose: str, usable: Callable[["LayerInfo"], bool], help: str) -> Option:
+    """A ``layer`` option checked against the model before the run (a usage error if it
+    names no usable layer); None lets the technique choose."""
+
+    def check(value: str, context: "RunContext") -> None:
+        context.model.resolve(value, usable, purpose)
+
+    return Option("layer", str, None, help, check=check)
+
+
+def layers_option(purpose: str, usable: Callable[["LayerInfo"], bool], help: str) -> Option:
+    """A ``layers`` option (a comma list), each checked like :func:`layer_option`'s."""
+
+    def check(names: list[str], context: "RunContext") -> None:
+        for name in names:
+            context.model.resolve(name, usable, purpose)
+
+    return Option("layers", list, [], help, check=check)
+
+
+def _check_class(value: str, context: "RunContext") -> None:
+    require_classifier(context.model, "a class option")
+    class_index(value, context.labels, context.model.num_classes)
+
+
+def class_option() -> Option:
+    """A ``class`` option: an index or a label; default each image's top-1 class."""
+    return Option("class", str, None, "class index or label to explain; default: each image's top-1 class", check=_check_class)
+
+
+def resolve_class(context: "RunContext", option: str = "class") -> int | None:
+    """The class the ``option`` names as an index, or None for each image's top-1."""
+    value = context.params.get(option)
+    return None if value is None else class_index(value, context.labels, context.model.num_classes)
+
+
+def score_option(default: str = "logit") -> Option:
+    return Option(
+        "score", str, default,
+        "what is differentiated: the class logit (the Grad-CAM paper) or its probability (the chapter)",
+        choices=SCORES,
+    )
+
+
+def batch_option(default: int = 8) -> Option:
+    return Option("batch", int, default, "images per batch", minimum=1)
+
+
+# -- gradients (TensorFlow loads here) ---------------------------------------------------
+
+
+def _gather_targets(tf, scores, classes):
+    targets = tf.constant(target_classes(scores.numpy(), classes))
+    return targets, tf.gather(scores, targets, axis=1, batch_dims=1)
+
+
+def layer_gradients(
+    graph: "ModelGraph", inputs: np.ndarray, layer: str, classes: int | Sequence[int] | None = None, score: str = "logit"
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(features, gradients, classes) of a preprocessed batch: the layer's N×h×w×C output,
+    the gradient of each image's class score with respect to it, and the classes used.
+
+    The batch does not mix (inference mode), so one tape gives every image's own gradient.
+    """
+    import tensorflow as tf
+
+    path = graph.resolve(layer)
+    probe = graph.probe([path], with_output=True, score=score)
+    x = tf.convert_to_tensor(inputs, dtype=tf.float32)
+    with tf.GradientTape() as tape:
+        features, scores = probe(x, training=False)
+        targets, selected = _gather_targets(tf, scores, classes)
+    gradients = tape.gradient(selected, features)
+    return features.numpy(), gradients.numpy(), targets.numpy()
+
+
+def input_gradients(
+    graph: "ModelGraph",
+    pixels: np.ndarray,
+    classes: int | Sequence[int] | None = None,
+    preprocess: Callable[[Any], Any] = lambda x: x,
+    score: str = "logit",
+) -> tuple[np.ndarray, np.ndarray]:
+    """(gradients, classes): the gradient of each image's class score with respect to its
+    0-255 pixels (N×H×W×C), through ``preprocess``, and the classes used."""
+    import tensorflow as tf
+
+    model = graph.probe([], with_output=True, score=score)
+    x = tf.convert_to_tensor(pixels, dtype=tf.float32)
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        scores = model(preprocess(x), training=False)
+        scores = scores[0] if isinstance(scores, (list, tuple)) else scores
+        targets, selected = _gather_targets(tf, scores, classes)
+    return tape.gradient(selected, x).numpy(), targets.numpy()
