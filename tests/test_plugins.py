@@ -524,7 +524,8 @@ def test_two_plugins_with_the_same_technique_name_stop_a_run(plugin_file, vizkit
     second = plugin_file("second_clash", technique_source("twin"))
     result = vizkit_cli("run", model_file, images, "-p", first, "-p", second, "-t", "twin", "-o", tmp_path / "out")
     assert result.exit_code == 2
-    assert "technique 'twin' of plugin second_clash is already registered by first_clash" in result.output
+    assert "technique 'twin' is registered by two plugins, second_clash and first_clash" in result.output
+    assert "--disable-plugin" in result.output
     assert not (tmp_path / "out").exists()
 
 
@@ -532,7 +533,7 @@ def test_technique_name_clash_with_a_builtin_names_both(plugin_file, vizkit_cli,
     path = plugin_file("my_filters", technique_source("filters"))
     result = vizkit_cli("run", model_file, images, "-p", path, *CHEAP_FILTERS, "-o", tmp_path / "out")
     assert result.exit_code == 2
-    assert "technique 'filters' of plugin my_filters is already registered by vizkit.plugins.filters" in result.output
+    assert "technique 'filters' is registered by two plugins, my_filters and vizkit.plugins.filters" in result.output
 
 
 @pytest.mark.parametrize("command", ["techniques", "plugins"])
@@ -620,7 +621,7 @@ def test_two_loaders_for_one_scheme_are_a_usage_error(command, plugin_file, imag
     result = invoke_catching(*args, "-p", one, "-p", two)
     no_traceback(result)
     assert result.exit_code == 2
-    assert "model scheme 'fake' of plugin zoo_two is already registered by zoo_one" in result.output
+    assert "model scheme 'fake' is registered by two plugins, zoo_two and zoo_one" in result.output
 
 
 # --------------------------------------------------------------------------- report hooks

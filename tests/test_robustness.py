@@ -13,7 +13,8 @@ import vizkit
 from conftest import write_image
 from vizkit.extension import ReportSection
 from vizkit.graph import ModelGraph
-from vizkit.plugins.gradcam import default_layer, gradcam
+from vizkit.kit import last_feature_map_layer as default_layer
+from vizkit.plugins.gradcam import gradcam
 from vizkit.runner import RunOptions, UsageError, run
 from vizkit.technique import Artifact, Technique
 
@@ -134,7 +135,7 @@ def test_single_sigmoid_output_is_a_two_class_classifier():
         score = 1 - out[:, 0]
     grads = tape.gradient(score, features)
     expected = np.maximum(np.mean(features[0] * np.mean(grads, axis=(0, 1, 2)), axis=-1), 0)
-    heatmaps, classes = gradcam(model, x[:1], "conv", 0)
+    heatmaps, classes = gradcam(model, x[:1], "conv", 0, score="probability")
     assert classes[0] == 0
     peak = expected.max()
     np.testing.assert_allclose(heatmaps[0], expected / peak if peak > 0 else expected, atol=1e-5)

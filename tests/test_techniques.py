@@ -19,13 +19,13 @@ from conftest import build_nested, build_tiny, write_image
 from PIL import Image
 
 from vizkit.graph import LayerError, ModelGraph
-from vizkit.imaging import overlay_heatmap
+from vizkit.kit import last_feature_map_layer, overlay_heatmap
 from vizkit.plugins import activations as activations_plugin
 from vizkit.plugins import filters as filters_plugin
 from vizkit.plugins import gradcam as gradcam_plugin
 from vizkit.plugins.activations import channel_grid, feature_maps
 from vizkit.plugins.filters import filter_patterns, initial_inputs
-from vizkit.plugins.gradcam import gradcam
+from vizkit.plugins.gradcam import gradcam as gradcam_of_score
 
 
 # -- models and inputs shared by the module (built once: they are deterministic) -------
@@ -276,6 +276,34 @@ def test_filter_index_minus_one_is_the_last_filter_or_an_error(tiny):
 # -- Grad-CAM ------------------------------------------------------------------------
 
 
+def gradcam(*args, **kwargs):
+    """Grad-CAM of the chapter's score: the model's output (softmax), not the logit."""
+    return gradcam_of_score(*args, score="probability", **kwargs)
+
+
+def logit_gradcam_direct(model, layer_name: str, image: np.ndarray, class_index: int) -> np.ndarray:
+    """The paper's Grad-CAM on the tiny model: the pre-softmax logit x·W + b of the head."""
+    upto = keras.Model(model.inputs, [model.get_layer(layer_name).output, model.get_layer("gap").output])
+    kernel, bias = model.get_layer("predictions").get_weights()
+    with tf.GradientTape() as tape:
+        features, pooled = call(upto, image[None])
+        logit = (tf.matmul(pooled, kernel) + bias)[:, class_index]
+    grads = tape.gradient(logit, features)
+    heatmap = tf.reduce_mean(features[0] * tf.reduce_mean(grads, axis=(0, 1, 2)), axis=-1).numpy()
+    return chapter_normalize(heatmap)
+
+
+def test_gradcam_of_the_logit_by_default(tiny):
+    batch = images(4, seed=4)
+    heatmaps, classes = gradcam_of_score(tiny, batch, "conv2")
+    np.testing.assert_array_equal(classes, run(tiny, batch).argmax(-1))  # top-1 is the same either way
+    for i in range(4):
+        expected = logit_gradcam_direct(tiny, "conv2", batch[i], int(classes[i]))
+        np.testing.assert_allclose(heatmaps[i], expected, rtol=1e-4, atol=1e-5, err_msg=f"image {i}")
+    of_probability, _ = gradcam(tiny, batch, "conv2")
+    assert not np.allclose(heatmaps, of_probability, atol=1e-3)  # the softmax mixes in the other classes
+
+
 def test_gradcam_equals_chapter_per_image_in_a_batch(tiny):
     batch = images(4, seed=4)
     predictions = run(tiny, batch)
@@ -321,7 +349,7 @@ def test_gradcam_without_positive_evidence_is_zero_not_nan(tiny):
 
 def test_gradcam_default_layer_of_tiny_model(tiny):
     graph = ModelGraph.of(tiny)
-    assert gradcam_plugin.default_layer(graph)[0] == "conv2"
+    assert last_feature_map_layer(graph)[0] == "conv2"
     batch = images(2, seed=5)
     by_default, _ = gradcam(tiny, batch)
     named, _ = gradcam(tiny, batch, "conv2")
@@ -356,7 +384,7 @@ def test_gradcam_known_answer_bright_corner():
     image[0, 24:, 24:] = 255.0  # bright 8×8 square in the bottom-right corner of a dark image
     # the answer is not at the argmax of an all-zero map (0, 0): that would be top-left
     heatmaps, classes = gradcam(model, image)  # default layer: the convolution
-    assert gradcam_plugin.default_layer(ModelGraph.of(model))[0] == "evidence"
+    assert last_feature_map_layer(ModelGraph.of(model))[0] == "evidence"
     heatmap = heatmaps[0]
     assert heatmap.shape == (8, 8)
     assert classes[0] == 1  # mostly dark: "dark" wins
@@ -441,7 +469,7 @@ def nested_gradcam_direct(nested, layer_name: str, image: np.ndarray, class_inde
 def test_nested_gradcam_equals_two_stage_computation(nested):
     batch = images(3, seed=8)
     graph = ModelGraph.of(nested)
-    assert gradcam_plugin.default_layer(graph)[0] == "base/base_conv2"
+    assert last_feature_map_layer(graph)[0] == "base/base_conv2"
     predictions = run(nested, batch)
     by_default, classes = gradcam(nested, batch)
     np.testing.assert_array_equal(classes, predictions.argmax(-1))
@@ -467,7 +495,7 @@ def test_vgg16_default_layers(vgg16):
     graph = ModelGraph.of(vgg16)
     layers, _ = filters_plugin.default_layers(graph)
     assert layers == [f"block{i}_conv1" for i in range(1, 6)]
-    assert gradcam_plugin.default_layer(graph)[0] == "block5_conv3"
+    assert last_feature_map_layer(graph)[0] == "block5_conv3"
     assert graph.fixed_size == (224, 224)
 
 
@@ -497,7 +525,7 @@ def test_default_gradcam_layer_inside_nested_mobilenetv2():
     outputs = keras.layers.Dense(5, activation="softmax", name="head")(x)
     model = keras.Model(inputs, outputs, name="transfer")
     graph = ModelGraph.of(model)
-    path = gradcam_plugin.default_layer(graph)[0]
+    path = last_feature_map_layer(graph)[0]
     assert path == f"{base.name}/out_relu"
     assert graph.info(path).shape == (3, 3, 1280)
 
