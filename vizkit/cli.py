@@ -245,3 +245,7 @@ def demo(outdir, quiet):
         raise click.UsageError(str(error)) from None
     click.echo(index)
     sys.exit(ExitCode.FAILURES if report.failed else ExitCode.OK)
+
+
+if __name__ == "__main__":  # python -m vizkit.cli, as the benchmarks run it
+    main()

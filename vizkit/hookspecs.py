@@ -30,9 +30,12 @@ def register_techniques(register: Callable[[Technique], None]) -> None:
 
 @hookspec
 def register_model_loaders(register: Callable[[ModelLoader], None]) -> None:
-    """Register loaders for model specs of a scheme of your own: ``register(ModelLoader(...))``.
+    """Register model loaders: ``register(ModelLoader(...))``.
 
-    ``vizkit run SCHEME:REST …`` then calls your loader with ``REST``.
+    ``vizkit run SCHEME:REST …`` calls the loader of that scheme with ``REST``; a loader's
+    ``match`` can also claim whole specs (a file suffix, a name). vizkit's own loaders
+    (Keras files, ``keras.applications`` names, ``efficientnet-lite0``, factories) are
+    registered the same way, and a plugin's loader is asked before them.
     """
 
 

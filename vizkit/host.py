@@ -31,10 +31,9 @@ BUILTIN_PLUGINS = (
     "vizkit.plugins.activations",
     "vizkit.plugins.filters",
     "vizkit.plugins.gradcam",
+    "vizkit.plugins.keras_models",
+    "vizkit.plugins.efficientnet_lite",
 )
-
-#: Plugin objects registered for one test by ``vizkit.testing`` (name → object).
-TEST_PLUGINS: dict[str, Any] = {}
 
 
 class PluginError(RuntimeError):
@@ -67,13 +66,27 @@ class BrokenPlugin:
 
 
 class PluginHost(pluggy.PluginManager):
-    """A pluggy manager that also knows where each plugin came from and which ones broke."""
+    """A pluggy manager that also knows where each plugin came from and which ones broke.
+
+    Every hook is called through pluggy (``tryfirst``, ``trylast`` and wrappers work as
+    pluggy documents); :meth:`call` adds isolation, so one plugin that raises costs only
+    its own contribution. What the register hooks register is computed once per host.
+    """
 
     def __init__(self) -> None:
         super().__init__("vizkit")
         self.add_hookspecs(hookspecs)
         self.origins: dict[str, Origin] = {}
         self.broken: list[BrokenPlugin] = []
+        self._registries: dict[str, dict] = {}
+
+    def register(self, plugin: Any, name: str | None = None) -> str | None:
+        self._registries.clear()
+        return super().register(plugin, name)
+
+    def unregister(self, plugin: Any = None, name: str | None = None) -> Any:
+        self._registries.clear()
+        return super().unregister(plugin, name)
 
     def add(self, plugin: Any, name: str, origin: Origin) -> None:
         """Register ``plugin``; a hook that does not exist or does not fit is an error."""
@@ -96,13 +109,68 @@ class PluginHost(pluggy.PluginManager):
             stacklevel=2,
         )
 
+    def call(self, hook_name: str, **kwargs) -> tuple[list[Any], list[str]]:
+        """``pm.hook.<hook_name>(**kwargs)``, isolated: (results, error summaries).
+
+        A raising hookimpl stops a pluggy call; the plugin at fault is found from the
+        traceback, and the hook is called again without it (``subset_hook_caller``), so
+        the others still count. Results are in pluggy's call order, Nones left out.
+        """
+        excluded: list[Any] = []
+        errors: list[str] = []
+        while True:
+            caller = self.subset_hook_caller(hook_name, remove_plugins=excluded)
+            try:
+                return list(caller(**kwargs)), errors
+            except Exception as error:  # someone else's plugin: report it, keep going
+                name = self.plugin_at_fault(hook_name, error)
+                errors.append(f"plugin {name or '?'}, hook {hook_name}: {_summary(error)}")
+                if name is None:
+                    return [], errors
+                excluded.append(self.get_plugin(name))
+
+    def plugin_at_fault(self, hook_name: str, error: BaseException) -> str | None:
+        """The plugin whose hookimpl (of ``hook_name``) is deepest in ``error``'s traceback."""
+        impls = getattr(self.hook, hook_name).get_hookimpls()
+        frames = [frame for frame, _ in traceback.walk_tb(error.__traceback__)]
+        return next(filter(None, (_plugin_of_frame(f, impls) for f in reversed(frames))), None)
+
+
+def _plugin_of_frame(frame, impls) -> str | None:
+    """The plugin whose hookimpl ``frame`` runs, if any. Two hookimpls can share code (one
+    class registered twice): then the method's ``self`` tells them apart."""
+    matches = []
+    for impl in impls:
+        function = getattr(impl.function, "__func__", impl.function)  # bound methods
+        if getattr(function, "__code__", None) is frame.f_code:
+            matches.append(impl)
+    owner = frame.f_locals.get("self", None)
+    for impl in matches:
+        if getattr(impl.function, "__self__", owner) is owner:
+            return impl.plugin_name
+    return matches[0].plugin_name if matches else None
+
+
+def _calling_plugin(caller: pluggy.HookCaller) -> str:
+    """The plugin whose hookimpl is running now (the nearest one up the stack)."""
+    impls = caller.get_hookimpls()
+    frame = sys._getframe(2)
+    while frame is not None:
+        plugin = _plugin_of_frame(frame, impls)
+        if plugin is not None:
+            return plugin
+        frame = frame.f_back
+    return "?"
+
 
 def plugin_manager(
     plugins: Iterable[str] = (),
     disabled: Iterable[str] = (),
     environ: dict[str, str] | None = None,
+    extra: Iterable[tuple[str, Any]] = (),
 ) -> PluginHost:
-    """The host with the built-ins, installed plugins and ``plugins`` (paths or module names)."""
+    """The host with the built-ins, installed plugins, ``plugins`` (paths or module names)
+    and ``extra`` (name, plugin object) pairs, which the test kit hands in."""
     environ = os.environ if environ is None else environ
     strict = environ.get("VIZKIT_STRICT_PLUGINS", "") not in ("", "0")
     host = PluginHost()
@@ -113,11 +181,12 @@ def plugin_manager(
             host.add(importlib.import_module(name), name, Origin("built-in", name, __version__))
     _load_entry_points(host, environ.get("VIZKIT_LOAD_PLUGINS"), strict)
     for spec in plugins:
-        plugin, origin = _load_local(spec)
-        name = origin.where if origin.kind == "module" else Path(spec).stem
+        plugin, name, origin = _load_local(spec)
+        if host.is_registered(plugin):  # -p naming an installed or built-in plugin: loaded already
+            continue
         if not host.is_blocked(name):
             host.add(plugin, name, origin)
-    for name, plugin in TEST_PLUGINS.items():
+    for name, plugin in extra:
         if not host.is_registered(plugin):  # an installed plugin under test is loaded already
             host.add(plugin, name, Origin("test", name, "0"))
     _check_registrations(host, strict)
@@ -155,24 +224,41 @@ def _load_entry_points(host: PluginHost, allowed: str | None, strict: bool) -> N
             host.mark_broken(entry.name, origin, _summary(error), strict)
 
 
-def _load_local(spec: str) -> tuple[Any, Origin]:
-    """A plugin named with ``-p``: a .py file, or an importable module."""
+def _load_local(spec: str) -> tuple[Any, str, Origin]:
+    """A plugin named with ``-p``: a .py file, a package folder (or its ``__init__.py``),
+    or an importable module. Returns (module, plugin name, origin)."""
     path = Path(spec)
     try:
         if path.suffix == ".py" or path.exists():
-            if not path.is_file():
-                raise PluginError(f"-p {spec}: no such file")
-            module_name = f"vizkit_local_plugin_{path.stem}"
-            loader_spec = importlib.util.spec_from_file_location(module_name, path)
-            module = importlib.util.module_from_spec(loader_spec)
-            sys.modules[module_name] = module  # so dataclasses and pickling inside it work
-            loader_spec.loader.exec_module(module)
-            return module, Origin("path", str(path), "local")  # as given: reports stay comparable
-        return importlib.import_module(spec), Origin("module", spec, "local")
+            return _load_path(spec, path)
+        return importlib.import_module(spec), spec, Origin("module", spec, "local")
     except PluginError:
         raise
     except Exception as error:
         raise PluginError(f"-p {spec}: cannot load this plugin: {_summary(error)}") from error
+
+
+def _load_path(spec: str, path: Path) -> tuple[Any, str, Origin]:
+    if path.is_dir() or path.name == "__init__.py":
+        folder = path if path.is_dir() else path.parent
+        init = folder / "__init__.py"
+        if not init.is_file():
+            raise PluginError(f"-p {spec}: a plugin folder must be a package (it has no __init__.py)")
+        name, file, search = folder.resolve().name, init, [str(folder)]
+    elif path.is_file():
+        name, file, search = path.stem, path, None
+    else:
+        raise PluginError(f"-p {spec}: no such file")
+    module_name = f"vizkit_local_plugin_{name}"
+    loader_spec = importlib.util.spec_from_file_location(module_name, file, submodule_search_locations=search)
+    module = importlib.util.module_from_spec(loader_spec)
+    sys.modules[module_name] = module  # so dataclasses, pickling and relative imports work
+    try:
+        loader_spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[module_name]
+        raise
+    return module, name, Origin("path", spec, "local")  # as given: reports stay comparable
 
 
 def _summary(error: BaseException) -> str:
@@ -188,37 +274,53 @@ class RegisteredTechnique:
     plugin: str
 
 
-def _collect(pm: pluggy.PluginManager, hook_name: str, cls: type, key, kind: str) -> dict[str, tuple[Any, str]]:
-    """What each plugin registers through the register-callback ``hook_name``, by ``key``."""
+def _collect(host: PluginHost, hook_name: str, cls: type, key, kind: str) -> dict[str, tuple[Any, str]]:
+    """What the plugins register through the register-callback ``hook_name``, by ``key``,
+    in pluggy's call order; computed once per host (until plugins change)."""
+    if hook_name in host._registries:
+        return host._registries[hook_name]
+    caller = getattr(host.hook, hook_name)
     found: dict[str, tuple[Any, str]] = {}
-    for impl in getattr(pm.hook, hook_name).get_hookimpls():
 
-        def register(item, plugin: str = impl.plugin_name) -> None:
-            if not isinstance(item, cls):
-                raise TypeError(f"register() takes a {cls.__name__}, not a {type(item).__name__}")
-            name = key(item)
-            if name in found:
-                raise PluginError(f"{kind} {name!r} of plugin {plugin} is already registered by {found[name][1]}")
-            found[name] = (item, plugin)
+    def register(item) -> None:
+        plugin = _calling_plugin(caller)
+        if not isinstance(item, cls):
+            raise TypeError(f"register() takes a {cls.__name__}, not a {type(item).__name__}")
+        name = key(item)
+        if name in found:
+            raise PluginError(
+                f"{kind} {name!r} is registered by two plugins, {found[name][1]} and {plugin}; "
+                "leave one out with --disable-plugin NAME"
+            )
+        found[name] = (item, plugin)
 
-        try:
-            impl.function(register=register)
-        except PluginError:
-            raise
-        except Exception as error:
-            raise PluginError(f"plugin {impl.plugin_name}, hook {hook_name}: {_summary(error)}", impl.plugin_name) from None
-    return dict(sorted(found.items()))
+    try:
+        caller(register=register)
+    except PluginError:
+        raise
+    except Exception as error:
+        plugin = host.plugin_at_fault(hook_name, error)
+        raise PluginError(f"plugin {plugin}, hook {hook_name}: {_summary(error)}", plugin) from None
+    host._registries[hook_name] = found
+    return found
 
 
-def techniques(pm: pluggy.PluginManager) -> dict[str, RegisteredTechnique]:
-    """Every registered technique by name, each with the plugin that registered it."""
-    found = _collect(pm, "register_techniques", Technique, lambda t: t.name, "technique")
-    return {name: RegisteredTechnique(t, plugin) for name, (t, plugin) in found.items()}
+def techniques(host: PluginHost) -> dict[str, RegisteredTechnique]:
+    """Every registered technique by name (sorted), each with the plugin that registered it."""
+    found = _collect(host, "register_techniques", Technique, lambda t: t.name, "technique")
+    return {name: RegisteredTechnique(t, plugin) for name, (t, plugin) in sorted(found.items())}
 
 
-def model_loaders(pm: pluggy.PluginManager) -> dict[str, ModelLoader]:
-    """Model loaders by scheme."""
-    return {scheme: loader for scheme, (loader, _) in _collect(pm, "register_model_loaders", ModelLoader, lambda m: m.scheme, "model scheme").items()}
+def model_loaders(host: PluginHost) -> dict[str, ModelLoader]:
+    """Model loaders by scheme, in pluggy's call order (the order they are tried in)."""
+    found = _collect(host, "register_model_loaders", ModelLoader, lambda m: m.scheme, "model scheme")
+    return {scheme: loader for scheme, (loader, _) in found.items()}
+
+
+def model_loader_plugins(host: PluginHost) -> dict[str, str]:
+    """Scheme → the plugin that registered its loader."""
+    found = _collect(host, "register_model_loaders", ModelLoader, lambda m: m.scheme, "model scheme")
+    return {scheme: plugin for scheme, (_, plugin) in found.items()}
 
 
 def select(
@@ -234,22 +336,26 @@ def select(
 
 
 def describe_plugins(host: PluginHost) -> list[dict]:
-    """Name, version, origin, hooks and techniques of each plugin, broken ones too, by name."""
+    """Name, version, origin, hooks, techniques and model schemes of each plugin, broken
+    ones too, by name."""
     by_plugin: dict[str, list[str]] = {}
     for name, registered in techniques(host).items():
         by_plugin.setdefault(registered.plugin, []).append(name)
-    origins = getattr(host, "origins", {})
+    schemes: dict[str, list[str]] = {}
+    for scheme, plugin in model_loader_plugins(host).items():
+        schemes.setdefault(plugin, []).append(scheme)
     unknown = Origin("registered", "", "unknown")  # added with plain pm.register()
     rows = [
         {
             "name": name,
-            "version": origins.get(name, unknown).version,
-            "origin": origins.get(name, unknown).kind,
-            "where": origins.get(name, unknown).where or name,
+            "version": host.origins.get(name, unknown).version,
+            "origin": host.origins.get(name, unknown).kind,
+            "where": host.origins.get(name, unknown).where or name,
             "status": "ok",
             "error": None,
             "hooks": sorted(caller.name for caller in host.get_hookcallers(plugin)),
             "techniques": by_plugin.get(name, []),
+            "model_loaders": sorted(schemes.get(name, [])),
         }
         for name, plugin in host.list_name_plugin()
         if plugin is not None
@@ -257,26 +363,8 @@ def describe_plugins(host: PluginHost) -> list[dict]:
     rows += [
         {
             "name": b.name, "version": b.origin.version, "origin": b.origin.kind, "where": b.origin.where,
-            "status": "broken", "error": b.error, "hooks": [], "techniques": [],
+            "status": "broken", "error": b.error, "hooks": [], "techniques": [], "model_loaders": [],
         }
-        for b in getattr(host, "broken", [])
+        for b in host.broken
     ]
     return sorted(rows, key=lambda row: row["name"])
-
-
-def call_each(pm: pluggy.PluginManager, hook_name: str, **kwargs) -> tuple[list[tuple[str, Any]], list[str]]:
-    """Call each plugin's ``hook_name`` on its own, in registration order.
-
-    Unlike a plain hook call, one plugin that raises does not hide the others' results:
-    returns ([(plugin, result) for results that are not None], [error summaries]).
-    """
-    results, errors = [], []
-    for impl in getattr(pm.hook, hook_name).get_hookimpls():
-        try:
-            result = impl.function(**{name: kwargs[name] for name in impl.argnames})
-        except Exception as error:  # someone else's plugin: report it, keep going
-            errors.append(f"plugin {impl.plugin_name}, hook {hook_name}: {_summary(error)}")
-            continue
-        if result is not None:
-            results.append((impl.plugin_name, result))
-    return results, errors

