@@ -202,7 +202,8 @@ def plugins(as_json, plugins, disabled):
         hooks = ", ".join(row["hooks"]) or "-"
         click.echo(
             f"{row['name']} {row['version']} ({row['origin']}: {row['where']})\n"
-            f"    techniques: {', '.join(row['techniques']) or '-'}\n    hooks: {hooks}"
+            f"    techniques: {', '.join(row['techniques']) or '-'}\n"
+            f"    model loaders: {', '.join(row['model_loaders']) or '-'}\n    hooks: {hooks}"
         )
 
 
