@@ -25,6 +25,7 @@ _LAZY = {
     "OptionError": "vizkit.technique",
     "RunContext": "vizkit.technique",
     "Technique": "vizkit.technique",
+    "LoadedImage": "vizkit.images",
     "ModelLoader": "vizkit.extension",
     "ReportSection": "vizkit.extension",
     "LoadedModel": "vizkit.models",

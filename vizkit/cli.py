@@ -73,7 +73,7 @@ def plugin_options(command):
     )(command)
     return click.option(
         "-p", "--plugin", "plugins", multiple=True, metavar="PATH_OR_MODULE",
-        help="Also load this plugin: a .py file or an importable module (repeatable).",
+        help="Also load this plugin: a .py file, a package folder or an importable module (repeatable).",
     )(command)
 
 
@@ -134,8 +134,6 @@ def run(model, inputs, techniques, outdir, preprocess, settings, weights, size, 
         techniques=list(techniques),
         settings=_parse_settings(settings),
         config=configured,
-        plugins=list(plugins),
-        disabled_plugins=list(disabled),
         preprocess=preprocess,
         weights=weights,
         size=size,

@@ -180,7 +180,7 @@ def plugin_manager(
         if not host.is_blocked(name):
             host.add(importlib.import_module(name), name, Origin("built-in", name, __version__))
     _load_entry_points(host, environ.get("VIZKIT_LOAD_PLUGINS"), strict)
-    for spec in plugins:
+    for spec in dict.fromkeys(plugins):  # the same -p twice loads once
         plugin, name, origin = _load_local(spec)
         if host.is_registered(plugin):  # -p naming an installed or built-in plugin: loaded already
             continue

@@ -27,9 +27,6 @@ from vizkit.report import ArtifactRecord, ImageRecord, Report, TechniqueRecord
 from vizkit.technique import Artifact, OptionError, RunContext, suggest
 from vizkit.tensorflow_setup import start_tensorflow
 
-#: Images per batch for a ``run_batch`` technique without a ``batch`` option.
-DEFAULT_BATCH = 8
-
 #: Predictions kept per image in the report.
 TOP_PREDICTIONS = 5
 #: Longest side of images fed to a model with a free input size, unless --size says otherwise.
@@ -184,12 +181,16 @@ def run(
 ) -> tuple[Report, Path]:
     """Run the selected techniques and write the report; returns (report, path of index.html).
 
-    ``model`` is a model spec as on the command line, or a ``keras.Model``.
+    ``model`` is a model spec as on the command line, or a ``keras.Model``. ``pm`` is a
+    plugin host to use instead of one built from ``options.plugins`` and
+    ``options.disabled_plugins`` (give one or the other).
 
     Raises UsageError (nothing written) for bad arguments or a model that cannot load.
     A failing image or technique is recorded in the report instead (``report.failed``).
     """
     options = options or RunOptions()
+    if pm is not None and (options.plugins or options.disabled_plugins):
+        raise UsageError("give plugins either in RunOptions or as a plugin host (pm), not both")
     pm, selected, params, preprocess = plan(options, pm)
     check_outdir(outdir)
     try:
@@ -368,7 +369,7 @@ def _run_technique(registered, context: RunContext, progress) -> TechniqueRecord
     artifacts: list[Artifact] = []
     try:
         if technique.run_batch is None:
-            artifacts = _checked(technique, technique.run(context))
+            artifacts = technique.checked(technique.run(context))
         else:
             if technique.prepare is not None:
                 technique.prepare(context)
@@ -388,21 +389,13 @@ def _run_technique(registered, context: RunContext, progress) -> TechniqueRecord
     return record
 
 
-def _checked(technique, artifacts) -> list[Artifact]:
-    artifacts = list(artifacts)
-    for artifact in artifacts:
-        if not isinstance(artifact, Artifact):
-            raise TypeError(f"{technique.name} returned a {type(artifact).__name__}, not a vizkit Artifact")
-    return artifacts
-
-
 def _run_batches(technique, context: RunContext, record: TechniqueRecord) -> list[Artifact]:
     """Each batch through ``run_batch``; a batch that fails is retried image by image, so
     one bad image costs only its own artifacts (recorded in ``record.image_errors``)."""
     artifacts: list[Artifact] = []
-    for batch in context.batches(context.params.get("batch") or DEFAULT_BATCH):
+    for batch in context.batches(context.params.get("batch") or technique.batch_size):
         try:
-            artifacts += _checked(technique, technique.run_batch(context, batch))
+            artifacts += technique.checked(technique.run_batch(context, batch))
             continue
         except Exception as error:
             if len(batch) == 1:
@@ -410,7 +403,7 @@ def _run_batches(technique, context: RunContext, record: TechniqueRecord) -> lis
                 continue
         for image in batch.images:
             try:
-                artifacts += _checked(technique, technique.run_batch(context, context.batch_of([image])))
+                artifacts += technique.checked(technique.run_batch(context, context.batch_of([image])))
             except Exception as error:
                 _image_failed(technique, record, image, error)
     return artifacts

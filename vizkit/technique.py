@@ -16,6 +16,10 @@ if TYPE_CHECKING:  # for the annotations only: importing the graph would load Ke
     from vizkit.images import LoadedImage
 
 
+#: Images per batch for a ``run_batch`` technique without a ``batch`` option.
+DEFAULT_BATCH = 8
+
+
 class OptionError(ValueError):
     """A technique option has an unknown name or a value that cannot work."""
 
@@ -246,15 +250,29 @@ class Technique:
             params[key] = by_name[key].parse(self.name, value)
         return params
 
-    def apply(self, context: RunContext, batch_size: int = 8) -> list[Artifact]:
-        """Every artifact for ``context.images``, as a run makes them but with errors raised:
-        for notebooks and tests. A run batches by the ``batch`` option, else ``batch_size``."""
+    @property
+    def batch_size(self) -> int:
+        """Images per batch for ``run_batch``: the ``batch`` option's default, else 8."""
+        return next((o.default for o in self.options if o.name == "batch"), None) or DEFAULT_BATCH
+
+    def checked(self, artifacts: Iterable[Artifact]) -> list[Artifact]:
+        """``artifacts`` as a list; TypeError for anything that is not an Artifact."""
+        artifacts = list(artifacts)
+        for artifact in artifacts:
+            if not isinstance(artifact, Artifact):
+                raise TypeError(f"{self.name} returned a {type(artifact).__name__}, not a vizkit Artifact")
+        return artifacts
+
+    def apply(self, context: RunContext) -> list[Artifact]:
+        """Every artifact for ``context.images`` as a run makes them (options checked against
+        the model, ``prepare``, batches), but with errors raised: for notebooks and tests."""
+        self.check_params(context)
         if self.run_batch is None:
-            return list(self.run(context))
+            return self.checked(self.run(context))
         if self.prepare is not None:
             self.prepare(context)
-        size = context.params.get("batch") or batch_size
-        return [artifact for batch in context.batches(size) for artifact in self.run_batch(context, batch)]
+        size = context.params.get("batch") or self.batch_size
+        return [artifact for batch in context.batches(size) for artifact in self.checked(self.run_batch(context, batch))]
 
     def check_params(self, context: RunContext) -> None:
         """Run each option's ``check`` against the loaded model; OptionError names the option."""
