@@ -6,16 +6,42 @@ whole model once on a fresh input, inlining nested Functional and Sequential mod
 layer by layer (same layer objects, so same weights), and records every layer's
 output tensor under its path, e.g. ``mobilenetv2_1.00_224/block_16_project``. Any set
 of those tensors then forms a probe model that runs in one forward pass.
+
+A layer (or nested model) that the model calls more than once, such as a siamese
+network's shared convolution, is addressed once per call: ``conv``, ``conv#2``,
+``conv#3``...; the layers of a nested model's second call are ``base#2/conv1``. Calls
+are numbered in the order the traced model runs them: a call that feeds another comes
+before it; calls on parallel branches follow Keras's (deterministic) execution order.
+
+Each trace calls every layer once more, and Keras keeps a record of each call (an
+inbound node) on the layer for good. So a model is traced once: ``ModelGraph(model)``
+and ``ModelGraph.of(model)`` both return the graph kept on the model, whose free-size
+twin is traced once too, when first asked for. Probe and score models are built on the
+traced tensors and call no layer again.
+
+Class scores come as probabilities or as logits (``SCORES``): where the model ends in a
+softmax or a sigmoid (a ``Dense`` with that activation, a ``Softmax`` layer, an
+``Activation`` layer, or ``keras.ops.softmax``/``sigmoid``, in a nested model or not),
+the logits are the values before it, computed with the same weights.
 """
 
 from __future__ import annotations
 
+import difflib
+
 from dataclasses import dataclass
+from typing import Callable
 
 import keras
 import numpy as np
 
 from vizkit.technique import suggest
+
+#: What ``ModelGraph.scores_model`` and friends can return per class.
+SCORES = ("probability", "logit")
+#: How many valid layers an error about a layer name lists, the closest first.
+NEAREST_LAYERS = 5
+_SQUASHING = ("softmax", "sigmoid")
 
 
 class LayerError(KeyError):
@@ -59,40 +85,81 @@ def is_graph_model(layer) -> bool:
     )
 
 
-def _output_layer_names(model) -> list[str]:
-    """Which of ``model``'s layers produce its outputs (read before any re-tracing)."""
-    names = []
-    for tensor in model.outputs:
-        for layer in model.layers:
-            try:
-                if layer.output is tensor:
-                    names.append(layer.name)
-                    break
-            except (AttributeError, ValueError):  # a layer shared across several calls
-                continue
-        else:
-            raise ValueError(f"cannot tell which layer of {model.name} produces its output")
-    return names
+def _keras_tensors(structure) -> list:
+    return [x for x in keras.tree.flatten(structure) if isinstance(x, keras.KerasTensor)]
+
+
+def _config(operation) -> dict:
+    try:
+        return operation.get_config()
+    except Exception:  # a custom layer without a config
+        return {}
+
+
+def _on_last_axis(axis, rank: int) -> bool:
+    """Whether a softmax over ``axis`` normalizes each sample's last axis only."""
+    axes = list(axis) if isinstance(axis, (list, tuple)) else [axis]
+    return len(axes) == 1 and axes[0] in (-1, rank - 1)
+
+
+def _dense_logits(dense, x):
+    """``dense``'s output before its activation, reading its weights when run (so shared)."""
+
+    def logits(inputs):
+        z = keras.ops.matmul(inputs, keras.ops.cast(dense.kernel, inputs.dtype))
+        if dense.bias is not None:
+            z = z + keras.ops.cast(dense.bias, inputs.dtype)
+        return z
+
+    return keras.layers.Lambda(logits, name=f"vizkit_logits_of_{dense.name}")(x)
+
+
+def _nearest(name: str, valid: list[str], count: int) -> list[str]:
+    """The ``count`` names of ``valid`` closest to ``name``, in vizkit.technique.suggest's order."""
+    if not any(", " in path for path in valid):
+        return suggest(name, valid).split(", ")[:count] if valid else []
+    # names with ", " in them cannot be split back out of suggest's comma list
+    ratio = lambda path: -difflib.SequenceMatcher(None, name, path).ratio()  # noqa: E731
+    return sorted(valid, key=ratio)[:count]
+
+
+def _purpose_phrase(purpose: str) -> str:
+    """ "gradcam" → "for gradcam"; the older " for gradcam (reason)" form reads the same."""
+    purpose = purpose.strip()
+    if purpose.startswith("for "):
+        purpose = purpose[len("for "):].lstrip()
+    return f"for {purpose}" if purpose else "here"
+
+
+def _kept_graph(model):
+    if isinstance(model, ModelGraph):
+        return model
+    return getattr(model, "__dict__", {}).get("_vizkit_graph")
 
 
 class ModelGraph:
-    """A built single-input image model with every layer's output reachable by path."""
+    """A built single-input image model with every layer's output reachable by path.
+
+    ``ModelGraph(model)`` and ``ModelGraph.of(model)`` are the same: the model is traced
+    the first time, and its graph is kept on it (past Keras's attribute tracking, so it
+    lives and dies with the model); every later call returns that graph. Given a
+    ModelGraph, both return it.
+    """
 
     @classmethod
     def of(cls, model) -> "ModelGraph":
-        """``model`` itself if it is a ModelGraph, else the graph of a keras.Model, traced once.
+        """``model`` itself if it is a ModelGraph, else the graph of a keras.Model, traced once."""
+        return cls(model)
 
-        The graph is kept on the model (past Keras's attribute tracking), so it lives and
-        dies with it.
-        """
-        if isinstance(model, ModelGraph):
-            return model
-        graph = model.__dict__.get("_vizkit_graph")
-        if graph is None:
-            graph = model.__dict__["_vizkit_graph"] = cls(model)
-        return graph
+    def __new__(cls, model=None, free_size: bool = False):
+        kept = None if free_size else _kept_graph(model)
+        if isinstance(kept, cls):
+            return kept  # Python then calls __init__ on it, which sees it is done
+        return super().__new__(cls)
 
     def __init__(self, model: keras.Model, free_size: bool = False):
+        if self.__dict__.get("_traced"):
+            return
         if not is_graph_model(model):
             raise ValueError(
                 f"{model.name} is a subclassed model, whose layers cannot be traced; build it "
@@ -112,8 +179,10 @@ class ModelGraph:
         self.model = model
         self.input_shape = (None, None, shape[-1]) if free_size else shape
         self._input = keras.Input(shape=self.input_shape, name="vizkit_input")
-        self._tensors: dict[str, keras.KerasTensor] = {}
-        self._layers: dict[str, keras.Layer] = {}
+        self._tensors: dict[str, keras.KerasTensor] = {}  # path → traced output
+        self._layers: dict[str, keras.Operation] = {}  # path → layer (or keras.ops operation)
+        self._calls: dict[str, tuple] = {}  # path → the traced (args, kwargs) it was called with
+        self._producer: dict[int, str] = {}  # id of a traced tensor → the innermost path making it
         self._output = None
         try:
             outputs = self._trace(model, self._input, prefix="")
@@ -125,41 +194,60 @@ class ModelGraph:
             # Layers after the feature extractor (Flatten → Dense) need the fixed size;
             # everything traced before them is what a free-size graph is for.
         self._output_model: keras.Model | None = None
-        # The model to the explained output holds just the layers that feed it.
-        feeding = {id(layer) for layer in self.output_model.layers} if self._output is not None else set()
+        self._score_tensors: dict[str, keras.KerasTensor] = {}
+        self._score_models: dict[str, keras.Model] = {}
+        self._ending_found: tuple | None = None
+        feeding = self._feeding_output()
         self.layers = [
             LayerInfo(
                 path=path,
                 kind=type(self._layers[path]).__name__,
                 shape=tuple(tensor.shape[1:]),
                 nested_model=is_graph_model(self._layers[path]),
-                feeds_output=id(self._layers[path]) in feeding,
+                feeds_output=path in feeding,
             )
             for path, tensor in self._tensors.items()
             if not isinstance(tensor, (list, tuple, dict))
         ]
         self._by_path = {info.path: info for info in self.layers}
         self._free: ModelGraph | None = self if free_size else None
+        self._traced = True
+        if not free_size:
+            model.__dict__["_vizkit_graph"] = self
 
     def free_size(self) -> "ModelGraph":
         """The same model traced for any input height and width, as far as its layers allow.
 
         Lets filter patterns use the chapter's 150×150 on a model built for 224×224:
-        convolution layers do not care, and the layers that do come after them.
+        convolution layers do not care, and the layers that do come after them. Traced
+        once, then kept.
         """
         if self._free is None:
             self._free = ModelGraph(self.model, free_size=True)
         return self._free
 
+    # -- tracing -----------------------------------------------------------
+
+    def _call_path(self, prefix: str, name: str) -> str:
+        """``prefix + name`` for a layer's first call, then ``name#2``, ``name#3``..."""
+        path, count = prefix + name, 1
+        while path in self._layers:
+            count += 1
+            path = f"{prefix}{name}#{count}"
+        return path
+
     def _trace(self, model, inputs, prefix: str):
         def call(layer, *args, **kwargs):
-            path = prefix + layer.name
+            path = self._call_path(prefix, layer.name)
+            self._layers[path] = layer  # claims the path before a nested model's layers run
             if is_graph_model(layer):
                 out = self._trace(layer, args[0] if len(args) == 1 else list(args), path + "/")
             else:
                 out = layer(*args, **kwargs)
             self._tensors[path] = out
-            self._layers[path] = layer
+            self._calls[path] = (args, kwargs)
+            for tensor in _keras_tensors(out):  # a nested model's outputs keep their inner maker
+                self._producer.setdefault(id(tensor), path)
             return out
 
         if isinstance(model, keras.Sequential):
@@ -167,12 +255,59 @@ class ModelGraph:
             for layer in model.layers:
                 x = call(layer, x)
             return x
-        output_names = _output_layer_names(model)
-        keras.models.clone_model(
+        traced = keras.models.clone_model(
             model, input_tensors=inputs, clone_function=lambda layer: layer, call_function=call
         )
-        outputs = [self._tensors[prefix + name] for name in output_names]
+        outputs = [
+            self._traced_output(model, index, prefix, tensor)
+            for index, tensor in enumerate(traced.outputs)
+        ]
         return outputs[0] if len(outputs) == 1 else outputs
+
+    def _traced_output(self, model, index: int, prefix: str, tensor):
+        """The traced tensor behind output ``index`` of the re-traced ``model``.
+
+        On the outermost model it is that very tensor. A nested model's trace starts from
+        intermediate tensors, and Keras builds the re-traced model on copies of its
+        outputs (named after them); the traced original is what later layers must use.
+        """
+        if id(tensor) in self._producer or tensor is self._input:
+            return tensor
+        traced = [t for value in self._tensors.values() for t in _keras_tensors(value)]
+        named = [t for t in traced if tensor.name in (t.name, f"{t.name}_clone")]
+        if len(named) == 1:
+            return named[0]
+        # Else the operation whose first call made the model's output, if called once here.
+        original = model.outputs[index]
+        for operation in model.operations:
+            try:
+                made_it = operation.output is original
+            except (AttributeError, ValueError):
+                continue
+            path = prefix + operation.name
+            if made_it and path in self._tensors and f"{path}#2" not in self._layers:
+                return self._tensors[path]  # its only call here
+        raise ValueError(f"cannot tell which layer of {model.name} produces its output {index}")
+
+    def _feeding_output(self) -> set[str]:
+        """The paths that the explained output depends on (a nested model: through its layers)."""
+        start = self._producer.get(id(self._output)) if self._output is not None else None
+        feeding, todo = set(), [start] if start else []
+        while todo:
+            path = todo.pop()
+            if path in feeding:
+                continue
+            feeding.add(path)
+            args, kwargs = self._calls[path]
+            todo.extend(
+                self._producer[id(t)] for t in _keras_tensors((args, kwargs)) if id(t) in self._producer
+            )
+        for path, layer in self._layers.items():
+            if is_graph_model(layer) and any(
+                self._producer.get(id(t)) in feeding for t in _keras_tensors(self._tensors.get(path))
+            ):
+                feeding.add(path)
+        return feeding
 
     # -- looking layers up -------------------------------------------------
 
@@ -203,26 +338,20 @@ class ModelGraph:
     def num_classes(self) -> int:
         return 2 if self.output_shape == (1,) else int(self.output_shape[0])
 
-    def expand_scores(self, scores):
-        """Scores per class: a binary model's single probability p becomes (1 - p, p)."""
-        if self.output_shape == (1,):
-            return keras.ops.concatenate([1 - scores, scores], axis=-1)
-        return scores
-
-    def class_scores(self, batch) -> np.ndarray:
-        """Scores per class (N × num_classes) for a preprocessed batch, as NumPy."""
-        return keras.ops.convert_to_numpy(self.expand_scores(self.output_model(batch, training=False)))
-
     def __contains__(self, path: str) -> bool:
         return path in self._by_path
 
     def info(self, path: str) -> LayerInfo:
         return self._by_path[path]
 
-    def resolve(self, name: str, usable=None, purpose: str = "") -> str:
+    def resolve(self, name: str, usable=None, purpose: str = "", reason: str = "") -> str:
         """The path of layer ``name`` (a full path, or a layer name unique in the model).
 
-        ``usable(info)`` narrows what is accepted; the error lists valid names, closest first.
+        ``usable(info)`` narrows what is accepted. A refused name raises LayerError: "layer
+        'x' cannot be used for PURPOSE (REASON)" for a layer that ``usable`` rejects
+        (``purpose`` is a technique name or phrase, "gradcam"; the older " for gradcam"
+        reads the same), else "MODEL has no layer 'x'"; then the valid layers closest to
+        ``name``, at most NEAREST_LAYERS of them, and how many more there are.
         """
         candidates = [info for info in self.layers if usable is None or usable(info)]
         valid = [info.path for info in candidates]
@@ -231,21 +360,154 @@ class ModelGraph:
         by_leaf = [path for path in valid if path.rsplit("/", 1)[-1] == name]
         if len(by_leaf) == 1:
             return by_leaf[0]
-        if name in self._by_path or by_leaf:
-            problem = f"layer {name!r} cannot be used{purpose}"
+        if len(by_leaf) > 1:
+            raise LayerError(
+                f"{self.name} has several layers named {name!r} ({', '.join(by_leaf)}); "
+                "name one by its full path"
+            )
+        if name in self._by_path or any(path.rsplit("/", 1)[-1] == name for path in self._by_path):
+            problem = f"layer {name!r} cannot be used {_purpose_phrase(purpose)}"
+            if reason:
+                problem += f" ({reason})"
         else:
             problem = f"{self.name} has no layer {name!r}"
-        raise LayerError(f"{problem}; valid layers: {suggest(name, valid) or '(none)'}")
+        nearest = _nearest(name, valid, NEAREST_LAYERS)
+        listed = ", ".join(nearest) or "(none)"
+        if len(valid) > len(nearest):
+            listed += f", … and {len(valid) - len(nearest)} more (see `vizkit layers MODEL`)"
+        raise LayerError(f"{problem}; valid layers: {listed}")
+
+    # -- class scores ------------------------------------------------------
+
+    def _ending(self) -> tuple[str | None, Callable[[], object] | None, str]:
+        """How the explained output is made: (kind, pre-activation maker, the maker's path).
+
+        kind is "softmax" or "sigmoid" (the maker builds the values before it), "linear"
+        (a Dense without activation: the output is the logits), or None (unknown).
+        """
+        if self._ending_found is None:
+            self._ending_found = self._find_ending()
+        return self._ending_found
+
+    def _find_ending(self):
+        path = self._producer.get(id(self._output)) if self._output is not None else None
+        if path is None:
+            return None, None, ""
+        layer = self._layers[path]
+        args, kwargs = self._calls[path]
+        x = args[0] if args else None
+        rank = len(self._output.shape)
+        config = _config(layer)
+        kind, pre_activation = None, (lambda: x)
+        if isinstance(layer, keras.layers.Softmax):
+            if _on_last_axis(config.get("axis", -1), rank) and kwargs.get("mask") is None:
+                kind = "softmax"
+        elif isinstance(layer, keras.layers.Activation):
+            if config.get("activation") in _SQUASHING:
+                kind = config["activation"]
+        elif isinstance(layer, keras.layers.Dense):
+            activation = config.get("activation")
+            quantized = getattr(layer, "quantization_mode", None)
+            if activation == "linear":
+                return "linear", None, path
+            if activation in _SQUASHING and not quantized:
+                kind, pre_activation = activation, (lambda: _dense_logits(layer, x))
+        elif not isinstance(layer, keras.Layer):  # keras.ops.softmax / sigmoid on a tensor
+            op = type(layer).__name__.lower()
+            if op == "sigmoid" or (op == "softmax" and _on_last_axis(config.get("axis", -1), rank)):
+                kind = op
+        if kind is None or x is None or not isinstance(x, keras.KerasTensor):
+            return None, None, path
+        if kind == "softmax" and self.output_shape == (1,):
+            return None, None, path  # a softmax over one unit is always 1
+        return kind, pre_activation, path
+
+    @property
+    def output_activation(self) -> str | None:
+        """What makes the explained output, as far as vizkit can see.
+
+        "softmax" or "sigmoid": it ends in one (a Dense with that activation, a Softmax
+        or an Activation layer, keras.ops.softmax or keras.ops.sigmoid); "linear": a
+        Dense without activation, so the output is already logits; None: something else.
+        """
+        if self._output is None:
+            return None
+        return self._ending()[0]
+
+    @property
+    def has_logits(self) -> bool:
+        """Whether ``score="logit"`` works: a classifier whose output_activation is known."""
+        return self._output is not None and self.is_classifier and self.output_activation is not None
+
+    def _scores(self, score: str):
+        """The traced per-class scores (binary models expanded to two columns)."""
+        if score not in SCORES:
+            raise ValueError(f"score must be one of {', '.join(SCORES)}, not {score!r}")
+        if score in self._score_tensors:
+            return self._score_tensors[score]
+        if self._output is None or not self.is_classifier:
+            shape = "unknown" if self._output is None else self.output_shape
+            raise ValueError(f"{self.name} is not a classifier (output shape {shape}); it has no class scores")
+        kind, pre_activation, path = self._ending()
+        binary = self.output_shape == (1,)
+        if score == "probability":
+            scores = self._output
+            if kind == "linear":  # logits in, probabilities out
+                scores = keras.ops.sigmoid(scores) if binary else keras.ops.softmax(scores, axis=-1)
+            scores = self.expand_scores(scores)
+        else:
+            if kind is None:
+                maker = f"{type(self._layers[path]).__name__} {path!r}" if path else "an unknown operation"
+                raise ValueError(
+                    f"{self.name} has no class logits vizkit can find: its output comes from "
+                    f"{maker}; logits are known when a model ends in a softmax or a sigmoid "
+                    "(a Dense with that activation, a Softmax or Activation layer, "
+                    "keras.ops.softmax/sigmoid) or in a Dense without activation"
+                )
+            logits = self._output if kind == "linear" else pre_activation()
+            # a single sigmoid unit: each class's log-odds, log(p/(1-p)) = z and -z
+            scores = keras.ops.concatenate([-logits, logits], axis=-1) if binary else logits
+        self._score_tensors[score] = scores
+        return scores
+
+    def scores_model(self, score: str = "probability") -> keras.Model:
+        """A model from the input to the per-class scores, (batch, num_classes); differentiable.
+
+        "probability": the model's output, a binary model's p expanded to (1 - p, p); for a
+        model ending in a Dense without activation, softmax of it (sigmoid for one unit);
+        for an ending vizkit cannot see through, the output as it is. "logit": the values
+        before the final softmax (or the linear Dense's output); for one sigmoid unit with
+        pre-sigmoid value z, (-z, z), the log-odds of each class. ValueError where the model
+        is not a classifier, or for "logit" where has_logits is false.
+        """
+        if score not in self._score_models:
+            self._score_models[score] = keras.Model(self._input, self._scores(score))
+        return self._score_models[score]
+
+    def expand_scores(self, scores):
+        """Scores per class: a binary model's single probability p becomes (1 - p, p)."""
+        if self.output_shape == (1,):
+            return keras.ops.concatenate([1 - scores, scores], axis=-1)
+        return scores
+
+    def class_scores(self, batch, score: str = "probability") -> np.ndarray:
+        """Scores per class (N × num_classes) for a preprocessed batch, as NumPy (see scores_model)."""
+        return keras.ops.convert_to_numpy(self.scores_model(score)(batch, training=False))
 
     # -- running -----------------------------------------------------------
 
-    def probe(self, paths: list[str], with_output: bool = False) -> keras.Model:
+    def probe(self, paths: list[str], with_output: bool = False, score: str | None = None) -> keras.Model:
         """A model from the input to the outputs of ``paths`` (and the model's output).
 
-        Like any Keras model it returns a list for several outputs, a tensor for one.
+        ``with_output`` appends the model's (first) output as it is; ``score`` ("logit" or
+        "probability") appends the per-class scores of scores_model instead, so that
+        features and class scores come from one differentiable call. Like any Keras model
+        it returns a list for several outputs, a tensor for one.
         """
         outputs = [self._tensors[path] for path in paths]
-        if with_output:
+        if score is not None:
+            outputs.append(self._scores(score))
+        elif with_output:
             outputs.append(self._output)
         return keras.Model(self._input, outputs)
 
