@@ -45,10 +45,10 @@ class _BadPlugin:
         return [ReportSection("Not JSON", "<p>x</p>", data=np.float32(1.5)), ReportSection("Fine", "<p>fine</p>")]
 
 
-def test_bad_artifacts_and_sections_are_errors_not_crashes(vizkit_plugin, vizkit_model_file, image_dir, tmp_path):
+def test_bad_artifacts_and_sections_are_errors_not_crashes(vizkit_plugin, vizkit_host, vizkit_model_file, image_dir, tmp_path):
     vizkit_plugin(_BadPlugin(), "bad-plugin")
     outdir = tmp_path / "out"
-    report, index = run(str(vizkit_model_file), [image_dir], RunOptions(techniques=["bad", "gradcam"]), outdir)
+    report, index = run(str(vizkit_model_file), [image_dir], RunOptions(techniques=["bad", "gradcam"]), outdir, pm=vizkit_host())
     assert report.failed and index.is_file()
     data = _report(outdir)
     statuses = {t["name"]: (t["status"], t["error"]) for t in data["techniques"]}
@@ -67,14 +67,14 @@ class _BrokenTemplatePlugin:
         return self.folder
 
 
-def test_a_broken_template_falls_back_to_the_builtin_page(vizkit_plugin, vizkit_model_file, image_dir, tmp_path):
+def test_a_broken_template_falls_back_to_the_builtin_page(vizkit_plugin, vizkit_host, vizkit_model_file, image_dir, tmp_path):
     folder = tmp_path / "templates"
     folder.mkdir()
     (folder / "report.html").write_text("{% extends 'vizkit/report.html' %}{% block footer %}{{ nope(",
                                         encoding="utf-8")
     vizkit_plugin(_BrokenTemplatePlugin(folder), "broken-template")
     outdir = tmp_path / "out"
-    report, index = run(str(vizkit_model_file), [image_dir], RunOptions(techniques=["gradcam"]), outdir)
+    report, index = run(str(vizkit_model_file), [image_dir], RunOptions(techniques=["gradcam"]), outdir, pm=vizkit_host())
     assert report.failed and 'id="technique-gradcam"' in index.read_text(encoding="utf-8")
     assert any("templates" in e for e in _report(outdir)["plugin_errors"])
 
