@@ -19,10 +19,7 @@ import traceback
 from pathlib import Path
 from typing import Callable
 
-from vizkit import hookimpl
-from vizkit.extension import ModelLoader
-from vizkit.importing import import_object
-from vizkit.models import LoadedModel, ModelLoadError, guess_preprocess
+from vizkit import LoadedModel, ModelLoader, ModelLoadError, hookimpl, kit
 
 FILE_SCHEME = "keras-file"
 APPLICATION_SCHEME = "keras-application"
@@ -95,7 +92,7 @@ def load_file(spec: str) -> LoadedModel:
             "full-model .h5 files (architecture and weights, not weights only)"
         ) from error
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
-    mode, reason = guess_preprocess(model)
+    mode, reason = kit.guess_preprocess(model)
     return LoadedModel(model, model.name, str(path), digest, mode, reason)
 
 
@@ -110,7 +107,6 @@ def is_application(spec: str) -> bool:
 def load_application(name: str, weights: str = "imagenet") -> LoadedModel:
     import keras
 
-    from vizkit.labels import imagenet_labels
 
     short = _BY_NORMAL_NAME.get(_normalize(name))
     if short is None:
@@ -129,7 +125,7 @@ def load_application(name: str, weights: str = "imagenet") -> LoadedModel:
             "a pretrained ImageNet model that ships with vizkit"
         ) from error
     reason = f"the preprocessing keras.applications uses for {constructor_name}"
-    labels = imagenet_labels() if weights == "imagenet" else None
+    labels = kit.imagenet_labels() if weights == "imagenet" else None
     return LoadedModel(model, short, f"keras.applications.{constructor_name}", None, mode, reason, labels)
 
 
@@ -155,7 +151,7 @@ def load_factory(spec: str) -> LoadedModel:
     import keras
 
     try:
-        factory = import_object(spec, "model factory")
+        factory = kit.import_object(spec, "model factory")
     except ValueError as error:  # not importable, no such attribute, not callable
         module = spec.partition(":")[0]
         missing = error.__cause__
@@ -173,7 +169,7 @@ def load_factory(spec: str) -> LoadedModel:
         raise ModelLoadError(f"model factory {spec} raised {_summary(error)}") from error
     if not isinstance(model, keras.Model):
         raise ModelLoadError(f"model factory {spec} returned {type(model).__name__}, not a keras.Model")
-    mode, reason = guess_preprocess(model)
+    mode, reason = kit.guess_preprocess(model)
     return LoadedModel(model, model.name, spec, None, mode, reason)
 
 

@@ -488,7 +488,8 @@ def test_nested_gradcam_equals_two_stage_computation(nested):
 @pytest.fixture(scope="module")
 def vgg16():
     keras.utils.set_random_seed(0)
-    return keras.applications.VGG16(weights=None)  # include_top=True: fixed 224×224 input
+    # Without the top (138 M → 15 M random weights, 40× faster to build), at a fixed 224×224 input.
+    return keras.applications.VGG16(weights=None, include_top=False, input_shape=(224, 224, 3))
 
 
 def test_vgg16_default_layers(vgg16):

@@ -28,54 +28,18 @@ the logits are the values before it, computed with the same weights.
 from __future__ import annotations
 
 import difflib
-
-from dataclasses import dataclass
 from typing import Callable
 
 import keras
 import numpy as np
 
+from vizkit.kit import SCORES
+from vizkit.layers import LayerError, LayerInfo
 from vizkit.technique import suggest
 
-#: What ``ModelGraph.scores_model`` and friends can return per class.
-SCORES = ("probability", "logit")
 #: How many valid layers an error about a layer name lists, the closest first.
 NEAREST_LAYERS = 5
 _SQUASHING = ("softmax", "sigmoid")
-
-
-class LayerError(KeyError):
-    """A layer name that the model does not have, or that a technique cannot use."""
-
-    def __str__(self) -> str:  # KeyError would quote the message
-        return str(self.args[0])
-
-
-@dataclass(frozen=True)
-class LayerInfo:
-    path: str
-    kind: str  # the layer's class name
-    shape: tuple  # output shape without the batch axis
-    nested_model: bool
-    feeds_output: bool = True  # on a path to the output that is explained
-
-    @property
-    def spatial(self) -> bool:
-        """A feature-map layer (batch, height, width, channels)."""
-        return len(self.shape) == 3
-
-    @property
-    def feature_map(self) -> bool:
-        """A layer of its own with a feature-map output (a nested model is its layers)."""
-        return self.spatial and not self.nested_model
-
-    @property
-    def conv(self) -> bool:
-        return self.spatial and "Conv" in self.kind and not self.nested_model
-
-    @property
-    def pooling(self) -> bool:
-        return self.spatial and "Pooling" in self.kind
 
 
 def is_graph_model(layer) -> bool:
@@ -521,11 +485,3 @@ class ModelGraph:
     def predict(self, batch: np.ndarray) -> np.ndarray:
         """The model's (first) output for a preprocessed batch, as NumPy."""
         return keras.ops.convert_to_numpy(self.output_model(batch, training=False))
-
-
-def spread_evenly(items: list[str], count: int) -> list[str]:
-    """``count`` items evenly spaced from first to last (all of them if there are fewer)."""
-    if count <= 0 or len(items) <= count:
-        return list(items)
-    picks = np.linspace(0, len(items) - 1, count).round().astype(int)
-    return [items[i] for i in dict.fromkeys(picks)]

@@ -12,7 +12,8 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Sequence
 import numpy as np
 
 if TYPE_CHECKING:  # for the annotations only: importing the graph would load Keras
-    from vizkit.graph import LayerInfo, ModelGraph
+    from vizkit.graph import ModelGraph
+    from vizkit.layers import LayerInfo
     from vizkit.images import LoadedImage
 
 

@@ -16,11 +16,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Callable
 
-from vizkit import hookimpl
-from vizkit.extension import ModelLoader
+from vizkit import ModelLoader, hookimpl, kit
 
 if TYPE_CHECKING:
-    from vizkit.models import LoadedModel
+    from vizkit import LoadedModel
 
 __all__ = ["MODEL_NAME", "PREPROCESS", "SCHEME", "load", "matches"]
 
@@ -46,8 +45,7 @@ def matches(spec: str) -> bool:
 
 def load(name: str) -> LoadedModel:
     """EfficientNet-Lite0 with its ImageNet weights and labels (converted once, then cached)."""
-    from vizkit.labels import imagenet_labels
-    from vizkit.models import LoadedModel, ModelLoadError
+    from vizkit import LoadedModel, ModelLoadError
 
     if not matches(name):
         raise ModelLoadError(f"the {SCHEME}: model loader has no model {name!r}; it has {MODEL_NAME}")
@@ -59,7 +57,7 @@ def load(name: str) -> LoadedModel:
         raise ModelLoadError(str(error)) from error
     reason = "what its weights were trained with (pixels scaled to [-1, 1])"
     source = f"{__name__} (weights: {lite.WEIGHTS_PIP})"
-    return LoadedModel(keras_model, MODEL_NAME, source, None, PREPROCESS, reason, imagenet_labels())
+    return LoadedModel(keras_model, MODEL_NAME, source, None, PREPROCESS, reason, kit.imagenet_labels())
 
 
 @hookimpl

@@ -35,7 +35,7 @@ from pathlib import Path
 import keras
 import numpy as np
 
-from vizkit.files import atomic_path
+from vizkit import kit
 
 from . import MODEL_NAME, PREPROCESS
 from .pth import load_state_dict
@@ -285,10 +285,10 @@ def cached_model(cache_dir: str | os.PathLike | None = None) -> keras.Model:
     model = efficientnet_lite0()
     try:
         directory.mkdir(parents=True, exist_ok=True)
-        with atomic_path(model_path) as temp:
+        with kit.atomic_path(model_path) as temp:
             model.save(temp)
         digest = _sha256(model_path)
-        with atomic_path(hash_path) as temp:
+        with kit.atomic_path(hash_path) as temp:
             temp.write_text(f"{digest}  {CACHE_FILE}\n", encoding="ascii")
     except OSError:
         pass  # a read-only or full disk costs a conversion per run, nothing more
