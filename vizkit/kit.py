@@ -15,6 +15,7 @@ from vizkit.files import atomic_path
 from vizkit.importing import import_object
 from vizkit.labels import class_index, describe_class, describe_predictions, imagenet_labels
 from vizkit.models import guess_preprocess
+from vizkit.preprocess import resolve as preprocessor
 from vizkit.samples import sample_photos
 from vizkit.technique import Option
 
@@ -24,7 +25,7 @@ if TYPE_CHECKING:
     from vizkit.technique import RunContext
 
 __all__ = [
-    "COLORMAPS", "atomic_path", "guess_preprocess", "import_object", "SCORES", "batch_option", "class_index", "class_option", "colorize", "conv_layer",
+    "COLORMAPS", "atomic_path", "guess_preprocess", "import_object", "preprocessor", "SCORES", "batch_option", "class_index", "class_option", "colorize", "conv_layer",
     "conv_layers", "deprocess_pattern", "describe_class", "describe_predictions", "explainable_layer",
     "feature_map_layer", "gray_picture", "imagenet_labels", "input_gradients", "last_feature_map_layer",
     "layer_gradients", "layer_option", "layers_option", "normalize_heatmap", "overlay_heatmap", "require_classifier",
