@@ -383,7 +383,6 @@ def test_unknown_ending_has_no_logits_and_keeps_its_output_as_scores():
     assert "relu_out" in str(caught.value)
     with pytest.raises(ValueError, match="score must be one of"):
         graph.class_scores(x, score="logits")
-    assert SCORES == ("probability", "logit")
 
 
 def test_not_a_classifier_has_no_scores():
