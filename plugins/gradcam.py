@@ -33,25 +33,22 @@ def _layer(context) -> tuple[str, str | None]:
     return kit.last_feature_map_layer(context.model)
 
 
-def _score(context) -> str:
-    """The score asked for; a model without a separate logit is explained by its output."""
-    return context.params["score"] if context.model.has_logits else "probability"
-
-
 def prepare(context) -> None:
     kit.require_classifier(context.model, "Grad-CAM")
     path, why = _layer(context)
     if why:
         context.note(f"layer: {path}, {why}")
-    if _score(context) != context.params["score"]:
-        context.note("score: the model's output (it ends in no softmax or sigmoid whose logit could be taken)")
+    _, note = kit.usable_score(context.model, context.params["score"])
+    if note:
+        context.note(note)
 
 
 def run_batch(context, batch) -> list[Artifact]:
     params = context.params
     path, _ = _layer(context)
     context.progress(f"{len(batch)} image(s)")
-    heatmaps, classes = gradcam(context.model, batch.inputs, path, kit.resolve_class(context), _score(context))
+    score, _ = kit.usable_score(context.model, params["score"])
+    heatmaps, classes = gradcam(context.model, batch.inputs, path, kit.resolve_class(context), score)
     artifacts = []
     for image, heatmap, cls in zip(batch.images, heatmaps, classes):
         if not heatmap.any():

@@ -53,13 +53,16 @@ def test_the_public_names_import_without_tensorflow():
 # --------------------------------------------------------------------------- exit codes
 
 
-def test_exit_codes_are_the_documented_four():
-    assert [int(code) for code in ExitCode] == [0, 1, 2, 3]
-    from vizkit.cli import main
+def test_exit_codes_are_documented_in_the_help():
     from click.testing import CliRunner
 
-    help_text = CliRunner().invoke(main, ["run", "--help"]).output
-    assert all(f"{int(code)} " in help_text for code in ExitCode)
+    from vizkit.cli import main
+
+    assert [int(code) for code in ExitCode] == [0, 1, 2, 3, 130]
+    for args in (["--help"], ["run", "--help"]):
+        text = " ".join(CliRunner().invoke(main, args).output.split())
+        for meaning in ("0 all fine", "1 the report was written", "2 bad arguments", "3 internal error", "130 interrupted"):
+            assert meaning in text, (args, meaning)
 
 
 def test_an_internal_error_exits_3_and_saves_the_traceback(vizkit_cli, vizkit_model_file, vizkit_images, tmp_path, monkeypatch):
@@ -175,3 +178,119 @@ def test_reproducible_runs_say_so_to_plugins_and_leave_timings_out(vizkit_model,
     assert report.techniques[0].duration_s is None
     report, _ = run(vizkit_model, [vizkit_images], RunOptions(techniques=["watch"]), tmp_path / "b", pm=pm)
     assert seen == [True, False] and report.techniques[0].duration_s is not None
+
+
+# --------------------------------------------------------------------------- plugins that misbehave
+
+
+class Misbehaving:
+    """Report hooks that return the wrong things, an option check with a bug, an accepts that raises."""
+
+    @vizkit.hookimpl
+    def report_templates(self):
+        return 5
+
+    @vizkit.hookimpl
+    def report_css(self):
+        return ["not", "css"]
+
+    @vizkit.hookimpl
+    def report_sections(self, report):
+        return "a string"
+
+    @vizkit.hookimpl
+    def register_techniques(self, register):
+        def buggy_check(value, context):
+            raise AttributeError("oops")
+
+        register(Technique(
+            "misbehaving", run=lambda context: [], description="misbehaves",
+            options=(Option("level", int, None, "a level", check=buggy_check),),
+            accepts=lambda info: info.shape[0] > 10,  # None > 10 on a free-size input: TypeError
+        ))
+
+
+def test_report_hooks_returning_the_wrong_things_cost_only_themselves(vizkit_plugin, vizkit_cli, vizkit_model_file, vizkit_images, tmp_path):
+    vizkit_plugin(Misbehaving(), name="misbehaving")
+    out = tmp_path / "out"
+    result = vizkit_cli("run", vizkit_model_file, vizkit_images, "-t", "activations", "-s", "activations.layers=conv1",
+                        "-o", out, env={"VIZKIT_LOAD_PLUGINS": ""})
+    assert result.exit_code == ExitCode.FAILURES, result.output
+    errors = json.loads((out / "report.json").read_text())["plugin_errors"]
+    assert errors == [
+        "hook report_sections: returned a str, not a vizkit ReportSection",
+        "hook report_css: returned a list, not CSS text",
+        "hook report_templates: 5 is not a folder of templates",
+    ]
+    assert 'id="technique-activations"' in (out / "index.html").read_text()
+
+
+def test_an_option_check_with_a_bug_is_a_usage_error_naming_the_option(vizkit_plugin, vizkit_cli, vizkit_model_file, vizkit_images, tmp_path):
+    vizkit_plugin(Misbehaving(), name="misbehaving")
+    result = vizkit_cli("run", vizkit_model_file, vizkit_images, "-t", "misbehaving", "-s", "misbehaving.level=3",
+                        "-o", tmp_path / "out", env={"VIZKIT_LOAD_PLUGINS": ""})
+    assert result.exit_code == ExitCode.USAGE_ERROR
+    assert "misbehaving.level: the option's check failed: AttributeError: oops" in result.output
+
+
+def test_layers_survives_an_accepts_that_raises(vizkit_plugin, vizkit_cli, tmp_path):
+    import keras
+
+    inputs = keras.Input((None, None, 3))
+    model = keras.Model(inputs, keras.layers.Conv2D(2, 3, name="conv")(inputs))
+    model.save(tmp_path / "free.keras")
+    vizkit_plugin(Misbehaving(), name="misbehaving")
+    result = vizkit_cli("layers", tmp_path / "free.keras", env={"VIZKIT_LOAD_PLUGINS": ""})
+    assert result.exit_code == ExitCode.OK, result.output
+    assert result.output.count("misbehaving's accepts() failed") == 1
+    assert "conv" in result.stdout
+
+
+class Interrupting:
+    @vizkit.hookimpl
+    def register_techniques(self, register):
+        def run_batch(context, batch):
+            raise KeyboardInterrupt
+
+        register(Technique("interrupting", run_batch=run_batch, description="the user presses Ctrl-C"))
+
+
+def test_ctrl_c_is_not_an_image_failure_and_exits_130(vizkit_plugin, vizkit_cli, vizkit_model_file, vizkit_images, tmp_path):
+    vizkit_plugin(Interrupting(), name="interrupting")
+    out = tmp_path / "out"
+    result = vizkit_cli("run", vizkit_model_file, vizkit_images, "-t", "interrupting", "-o", out, env={"VIZKIT_LOAD_PLUGINS": ""})
+    assert result.exit_code == ExitCode.INTERRUPTED == 130
+    assert "interrupted; no report was written" in result.output
+    assert not out.exists()
+
+
+def test_a_preprocessing_that_raises_fails_the_images_not_the_run(vizkit_cli, vizkit_model_file, vizkit_images, tmp_path, monkeypatch):
+    module = tmp_path / "badprep.py"
+    module.write_text("def prep(x):\n    raise ValueError('no such colour space')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    out = tmp_path / "out"
+    result = vizkit_cli("run", vizkit_model_file, vizkit_images, "--preprocess", "badprep:prep", "-t", "gradcam", "-o", out)
+    assert result.exit_code == ExitCode.FAILURES, result.output
+    report = json.loads((out / "report.json").read_text())
+    assert all("no such colour space" in image["error"] for image in report["images"])
+
+
+def test_a_technique_name_must_work_with_dash_s():
+    with pytest.raises(TypeError, match="without '.'"):
+        Technique("my.technique", run=lambda context: [], description="d")
+
+
+def test_gradcam_explains_the_output_of_a_model_without_logits_and_says_so(vizkit_cli, vizkit_images, tmp_path):
+    import keras
+
+    keras.utils.set_random_seed(3)
+    inputs = keras.Input((32, 32, 3))
+    x = keras.layers.GlobalAveragePooling2D()(keras.layers.Conv2D(4, 3, name="conv")(inputs))
+    model = keras.Model(inputs, keras.layers.Activation("relu", name="relu_out")(keras.layers.Dense(3)(x)))
+    model.save(tmp_path / "nologit.keras")
+    out = tmp_path / "out"
+    result = vizkit_cli("run", tmp_path / "nologit.keras", vizkit_images, "-t", "gradcam", "-o", out)
+    assert result.exit_code == ExitCode.OK, result.output
+    [record] = json.loads((out / "report.json").read_text())["techniques"]
+    assert any(note.startswith("score: the model's output") for note in record["notes"])
+    assert record["params"]["score"] == "logit"

@@ -6,8 +6,8 @@ The plugin-author view (``pytester``): a plugin's ``tryfirst``, ``trylast`` and
 
 from __future__ import annotations
 
+import functools
 import json
-import textwrap
 
 import pytest
 
@@ -136,8 +136,6 @@ KIT_PLUGIN = '''
 import vizkit
 from vizkit import ReportSection
 
-ORDER = []
-
 
 @vizkit.hookimpl(tryfirst=True)
 def report_sections(report):
@@ -147,6 +145,12 @@ def report_sections(report):
 @vizkit.hookimpl(trylast=True)
 def report_css():
     return "/* late */"
+
+
+class Css:
+    @vizkit.hookimpl
+    def report_css(self):
+        return "/* normal */"
 
 
 class Wrap:
@@ -162,6 +166,7 @@ import myplugin
 
 
 def test_hooks_as_pluggy_documents(vizkit_plugin, vizkit_cli, vizkit_model_file, vizkit_images, tmp_path):
+    vizkit_plugin(myplugin.Css(), name="css")
     vizkit_plugin(myplugin, name="myplugin")
     vizkit_plugin(myplugin.Wrap(), name="wrap")
     out = tmp_path / "out"
@@ -171,7 +176,7 @@ def test_hooks_as_pluggy_documents(vizkit_plugin, vizkit_cli, vizkit_model_file,
     report = json.loads((out / "report.json").read_text())
     assert [s["title"] for s in report["sections"]] == ["1 inner", "early"]
     html = (out / "index.html").read_text()
-    assert "/* late */" in html
+    assert html.index("/* normal */") < html.index("/* late */")  # trylast: called last, though registered last
 
 
 def test_the_host_fixture_sees_the_plugins(vizkit_plugin, vizkit_host):
@@ -233,5 +238,74 @@ def test_p_naming_a_loaded_plugin_module_is_a_no_op():
 
 def test_describe_plugins_lists_hooks_techniques_and_loaders():
     rows = {row["name"]: row for row in host.describe_plugins(_host(Registrar()))}
-    assert rows["p0"]["techniques"] == ["helped"] and rows["p0"]["origin"] == "test"
-    assert json.dumps(rows)  # what vizkit plugins --json prints
+    assert (rows["p0"]["techniques"], rows["p0"]["origin"], rows["p0"]["hooks"]) == (["helped"], "test", ["register_techniques"])
+    loaders = {scheme for row in rows.values() for scheme in row["model_loaders"]}
+    assert {"keras-file", "keras-application", "keras-factory", "efficientnet-lite"} <= loaders
+    assert json.loads(json.dumps(rows)) == rows  # what vizkit plugins --json prints
+
+
+# --------------------------------------------------------------------------- hook functions sharing code
+
+
+def logged(function):
+    """A decorator several plugins share: their hook functions then share its code."""
+
+    @functools.wraps(function)
+    def wrapper(*args, **kwargs):
+        return function(*args, **kwargs)
+
+    return wrapper
+
+
+def _decorated_plugin(title: str, fail: bool = False):
+    def report_sections(report):
+        if fail:
+            raise RuntimeError(f"{title} exploded")
+        return [ReportSection(title, "")]
+
+    def register_techniques(register):
+        register(_technique(f"t_{title}"))
+
+    return type("Decorated", (), {
+        "report_sections": staticmethod(vizkit.hookimpl(logged(report_sections))),
+        "register_techniques": staticmethod(vizkit.hookimpl(logged(register_techniques))),
+    })()
+
+
+def test_hook_functions_sharing_code_are_still_isolated_and_attributed():
+    pm = _host(_decorated_plugin("a"), _decorated_plugin("bad", fail=True), _decorated_plugin("b"))
+    results, errors = pm.call("report_sections", report=None)  # used to loop for ever
+    assert _titles(results) == ["b", "a"]
+    [error] = errors
+    assert error.startswith("plugin p1, hook report_sections: RuntimeError: bad exploded")
+    found = host.techniques(pm)
+    assert {name: found[name].plugin for name in ("t_a", "t_bad", "t_b")} == {"t_a": "p0", "t_bad": "p1", "t_b": "p2"}
+
+
+class ForgetfulWrapper:
+    @vizkit.hookimpl(wrapper=True)
+    def report_sections(self, report):
+        yield  # and returns None instead of the results
+
+
+def test_a_wrapper_that_returns_no_list_costs_only_itself():
+    pm = _host(Sections("a"), ForgetfulWrapper(), Sections("b"))
+    results, errors = pm.call("report_sections", report=None)
+    assert _titles(results) == ["b", "a"]
+    assert errors == ["plugin p1, hook report_sections: a wrapper returned NoneType, not the list of results"]
+
+
+def test_p_with_one_file_in_two_spellings_loads_it_once(tmp_path, monkeypatch):
+    plugin = tmp_path / "twice.py"
+    plugin.write_text(PACKAGE_TECHNIQUES + "\nimport vizkit\n\n@vizkit.hookimpl\ndef register_techniques(register):\n    register(TECHNIQUE)\n")
+    monkeypatch.chdir(tmp_path)
+    pm = host.plugin_manager(["twice.py", "./twice.py", str(plugin)], environ={"VIZKIT_LOAD_PLUGINS": ""})
+    assert host.techniques(pm)["packaged"].plugin == "twice"
+
+
+def test_p_with_two_files_of_one_name_says_so(tmp_path):
+    for folder in ("one", "two"):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "same.py").write_text("")
+    with pytest.raises(host.PluginError, match=r"-p .*two/same.py: a plugin named same is loaded already \(.*one/same.py\); rename one"):
+        host.plugin_manager([str(tmp_path / "one" / "same.py"), str(tmp_path / "two" / "same.py")], environ={"VIZKIT_LOAD_PLUGINS": ""})

@@ -26,8 +26,11 @@ class VizkitGroup(click.Group):
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
-        except (click.ClickException, click.exceptions.Exit, click.Abort, SystemExit, KeyboardInterrupt):
+        except (click.ClickException, click.exceptions.Exit, click.Abort, SystemExit):
             raise
+        except KeyboardInterrupt:
+            click.echo("vizkit: interrupted; no report was written", err=True)
+            ctx.exit(ExitCode.INTERRUPTED)
         except Exception as error:
             where = _save_traceback(error)
             written = getattr(error, "vizkit_outdir", None)
@@ -87,7 +90,8 @@ def _host(plugins, disabled) -> host.PluginHost:
 
 
 EXIT_STATUS = """Exit status: 0 all fine; 1 the report was written, but an image, a technique
-or a report hook failed; 2 bad arguments (nothing written); 3 internal error."""
+or a report hook failed; 2 bad arguments (nothing written); 3 internal error; 130
+interrupted (Ctrl-C)."""
 
 
 @click.group(cls=VizkitGroup, epilog=EXIT_STATUS)
@@ -121,7 +125,8 @@ def run(model, inputs, techniques, outdir, preprocess, settings, weights, size, 
 
     \b
     Exit status: 0 all fine; 1 the report was written, but an image, a technique
-    or a report hook failed; 2 bad arguments (nothing written); 3 internal error.
+    or a report hook failed; 2 bad arguments (nothing written); 3 internal error;
+    130 interrupted (Ctrl-C).
     """
     from vizkit.runner import run as run_report
 
@@ -171,7 +176,7 @@ def layers(model, weights, size, as_json, plugins, disabled):
             "path": info.path,
             "kind": info.kind,
             "shape": list(info.shape),
-            "techniques": [name for name, accepts in checks.items() if accepts(info)],
+            "techniques": _usable_by(checks, info),
         }
         for info in graph.layers
     ]
@@ -182,6 +187,20 @@ def layers(model, weights, size, as_json, plugins, disabled):
     for row in rows:
         shape = "×".join("?" if d is None else str(d) for d in row["shape"])
         click.echo(f"{row['path']:<{width}}  {row['kind']:<22} {shape:<14} {' '.join(row['techniques'])}")
+
+
+def _usable_by(checks: dict, info) -> list[str]:
+    """The techniques whose ``accepts`` takes this layer; one that raises takes none, with
+    a warning (once per technique)."""
+    usable = []
+    for name, accepts in checks.items():
+        try:
+            if accepts(info):
+                usable.append(name)
+        except Exception as error:
+            click.echo(f"vizkit: {name}'s accepts() failed on {info.path}: {type(error).__name__}: {error}", err=True)
+            checks[name] = lambda info: False
+    return usable
 
 
 @main.command()

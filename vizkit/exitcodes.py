@@ -15,3 +15,5 @@ class ExitCode(IntEnum):
     #: vizkit itself failed: nothing (or an incomplete report) was written; the message
     #: says which, and where the traceback went.
     INTERNAL_ERROR = 3
+    #: Interrupted (Ctrl-C), as shells report SIGINT: no report was written.
+    INTERRUPTED = 130

@@ -114,53 +114,80 @@ class PluginHost(pluggy.PluginManager):
 
         A raising hookimpl stops a pluggy call; the plugin at fault is found from the
         traceback, and the hook is called again without it (``subset_hook_caller``), so
-        the others still count. Results are in pluggy's call order, Nones left out.
+        the others still count. Where the fault cannot be pinned on one plugin (hook
+        functions that share code, a wrapper that returns no list), each plugin is called
+        on its own instead. Results are in pluggy's call order, Nones left out.
         """
         excluded: list[Any] = []
         errors: list[str] = []
         while True:
-            caller = self.subset_hook_caller(hook_name, remove_plugins=excluded)
             try:
-                return list(caller(**kwargs)), errors
+                results = self.subset_hook_caller(hook_name, remove_plugins=excluded)(**kwargs)
             except Exception as error:  # someone else's plugin: report it, keep going
-                name = self.plugin_at_fault(hook_name, error)
-                errors.append(f"plugin {name or '?'}, hook {hook_name}: {_summary(error)}")
+                name = self.plugin_at_fault(hook_name, error, excluded)
                 if name is None:
-                    return [], errors
+                    return self._call_one_by_one(hook_name, kwargs, excluded, errors)
+                errors.append(f"plugin {name}, hook {hook_name}: {_summary(error)}")
                 excluded.append(self.get_plugin(name))
+                continue
+            if isinstance(results, list):
+                return results, errors
+            return self._call_one_by_one(hook_name, kwargs, excluded, errors)
 
-    def plugin_at_fault(self, hook_name: str, error: BaseException) -> str | None:
-        """The plugin whose hookimpl (of ``hook_name``) is deepest in ``error``'s traceback."""
-        impls = getattr(self.hook, hook_name).get_hookimpls()
-        frames = [frame for frame, _ in traceback.walk_tb(error.__traceback__)]
-        return next(filter(None, (_plugin_of_frame(f, impls) for f in reversed(frames))), None)
+    def _call_one_by_one(self, hook_name: str, kwargs: dict, excluded: list, errors: list[str]) -> tuple[list[Any], list[str]]:
+        """Each plugin's implementations of ``hook_name`` called on their own, in call order."""
+        results: list[Any] = []
+        plugins = [self.get_plugin(impl.plugin_name) for impl in reversed(getattr(self.hook, hook_name).get_hookimpls())]
+        for plugin in dict.fromkeys(p for p in plugins if p not in excluded):
+            others = [p for p in plugins if p is not plugin]
+            name = self.get_name(plugin)
+            try:
+                returned = self.subset_hook_caller(hook_name, remove_plugins=others)(**kwargs)
+            except Exception as error:
+                errors.append(f"plugin {name}, hook {hook_name}: {_summary(error)}")
+                continue
+            if not isinstance(returned, list):
+                errors.append(f"plugin {name}, hook {hook_name}: a wrapper returned {type(returned).__name__}, not the list of results")
+                continue
+            results += returned
+        return results, errors
+
+    def plugin_at_fault(self, hook_name: str, error: BaseException, excluded: Iterable[Any] = ()) -> str | None:
+        """The plugin whose hookimpl (of ``hook_name``) is deepest in ``error``'s traceback,
+        among those not ``excluded``; None where no single plugin can be named."""
+        left_out = {self.get_name(plugin) for plugin in excluded}
+        impls = [i for i in getattr(self.hook, hook_name).get_hookimpls() if i.plugin_name not in left_out]
+        for frame, _ in reversed(list(traceback.walk_tb(error.__traceback__))):
+            plugins = _plugins_of_frame(frame, impls)
+            if plugins:
+                return plugins[0] if len(plugins) == 1 else None
+        return None
 
 
-def _plugin_of_frame(frame, impls) -> str | None:
-    """The plugin whose hookimpl ``frame`` runs, if any. Two hookimpls can share code (one
-    class registered twice): then the method's ``self`` tells them apart."""
+def _plugins_of_frame(frame, impls) -> list[str]:
+    """The plugins whose hookimpl ``frame`` may be running: one, unless several share the
+    same code (a shared decorator; one class registered twice, told apart by ``self``)."""
     matches = []
     for impl in impls:
         function = getattr(impl.function, "__func__", impl.function)  # bound methods
         if getattr(function, "__code__", None) is frame.f_code:
             matches.append(impl)
     owner = frame.f_locals.get("self", None)
-    for impl in matches:
-        if getattr(impl.function, "__self__", owner) is owner:
-            return impl.plugin_name
-    return matches[0].plugin_name if matches else None
+    own = [impl for impl in matches if getattr(impl.function, "__self__", None) is owner is not None]
+    return list(dict.fromkeys(impl.plugin_name for impl in (own or matches)))
 
 
-def _calling_plugin(caller: pluggy.HookCaller) -> str:
-    """The plugin whose hookimpl is running now (the nearest one up the stack)."""
+def _calling_plugin(caller: pluggy.HookCaller) -> str | None:
+    """The plugin whose hookimpl is running now (the nearest one up the stack), or None
+    where that cannot be told (hook functions sharing code)."""
     impls = caller.get_hookimpls()
     frame = sys._getframe(2)
     while frame is not None:
-        plugin = _plugin_of_frame(frame, impls)
-        if plugin is not None:
-            return plugin
+        plugins = _plugins_of_frame(frame, impls)
+        if plugins:
+            return plugins[0] if len(plugins) == 1 else None
         frame = frame.f_back
-    return "?"
+    return None
 
 
 def plugin_manager(
@@ -180,9 +207,9 @@ def plugin_manager(
         if not host.is_blocked(name):
             host.add(importlib.import_module(name), name, Origin("built-in", name, __version__))
     _load_entry_points(host, environ.get("VIZKIT_LOAD_PLUGINS"), strict)
-    for spec in dict.fromkeys(plugins):  # the same -p twice loads once
-        plugin, name, origin = _load_local(spec)
-        if host.is_registered(plugin):  # -p naming an installed or built-in plugin: loaded already
+    for spec in plugins:
+        plugin, name, origin = _load_local(spec, host)
+        if host.is_registered(plugin):  # a plugin loaded already: installed, built-in, or given twice
             continue
         if not host.is_blocked(name):
             host.add(plugin, name, origin)
@@ -224,13 +251,13 @@ def _load_entry_points(host: PluginHost, allowed: str | None, strict: bool) -> N
             host.mark_broken(entry.name, origin, _summary(error), strict)
 
 
-def _load_local(spec: str) -> tuple[Any, str, Origin]:
+def _load_local(spec: str, host: PluginHost) -> tuple[Any, str, Origin]:
     """A plugin named with ``-p``: a .py file, a package folder (or its ``__init__.py``),
     or an importable module. Returns (module, plugin name, origin)."""
     path = Path(spec)
     try:
         if path.suffix == ".py" or path.exists():
-            return _load_path(spec, path)
+            return _load_path(spec, path, host)
         return importlib.import_module(spec), spec, Origin("module", spec, "local")
     except PluginError:
         raise
@@ -238,7 +265,7 @@ def _load_local(spec: str) -> tuple[Any, str, Origin]:
         raise PluginError(f"-p {spec}: cannot load this plugin: {_summary(error)}") from error
 
 
-def _load_path(spec: str, path: Path) -> tuple[Any, str, Origin]:
+def _load_path(spec: str, path: Path, host: PluginHost) -> tuple[Any, str, Origin]:
     if path.is_dir() or path.name == "__init__.py":
         folder = path if path.is_dir() else path.parent
         init = folder / "__init__.py"
@@ -249,6 +276,12 @@ def _load_path(spec: str, path: Path) -> tuple[Any, str, Origin]:
         name, file, search = path.stem, path, None
     else:
         raise PluginError(f"-p {spec}: no such file")
+    loaded = host.get_plugin(name)
+    if loaded is not None:  # the same file again (as another spelling), or a namesake
+        if Path(getattr(loaded, "__file__", "") or "").resolve() == file.resolve():
+            return loaded, name, host.origins[name]
+        where = host.origins[name].where if name in host.origins else name
+        raise PluginError(f"-p {spec}: a plugin named {name} is loaded already ({where}); rename one of them")
     module_name = f"vizkit_local_plugin_{name}"
     loader_spec = importlib.util.spec_from_file_location(module_name, file, submodule_search_locations=search)
     module = importlib.util.module_from_spec(loader_spec)
@@ -276,33 +309,58 @@ class RegisteredTechnique:
 
 def _collect(host: PluginHost, hook_name: str, cls: type, key, kind: str) -> dict[str, tuple[Any, str]]:
     """What the plugins register through the register-callback ``hook_name``, by ``key``,
-    in pluggy's call order; computed once per host (until plugins change)."""
+    in pluggy's call order; computed once per host (until plugins change).
+
+    One pluggy call, each registration credited to the plugin whose hookimpl is on the
+    stack; where that is ambiguous (hook functions sharing code), one call per plugin.
+    """
     if hook_name in host._registries:
         return host._registries[hook_name]
     caller = getattr(host.hook, hook_name)
     found: dict[str, tuple[Any, str]] = {}
 
-    def register(item) -> None:
-        plugin = _calling_plugin(caller)
-        if not isinstance(item, cls):
-            raise TypeError(f"register() takes a {cls.__name__}, not a {type(item).__name__}")
-        name = key(item)
-        if name in found:
-            raise PluginError(
-                f"{kind} {name!r} is registered by two plugins, {found[name][1]} and {plugin}; "
-                "leave one out with --disable-plugin NAME"
-            )
-        found[name] = (item, plugin)
+    def registrar(plugin: str | None):
+        def register(item) -> None:
+            owner = plugin or _calling_plugin(caller)
+            if owner is None:
+                raise _Ambiguous()
+            if not isinstance(item, cls):
+                raise TypeError(f"register() takes a {cls.__name__}, not a {type(item).__name__}")
+            name = key(item)
+            if name in found:
+                raise PluginError(
+                    f"{kind} {name!r} is registered by two plugins, {found[name][1]} and {owner}; "
+                    "leave one out with --disable-plugin NAME"
+                )
+            found[name] = (item, owner)
+
+        return register
 
     try:
-        caller(register=register)
+        try:
+            caller(register=registrar(None))
+        except _Ambiguous:
+            found.clear()
+            plugins = [host.get_plugin(impl.plugin_name) for impl in reversed(caller.get_hookimpls())]
+            for plugin in dict.fromkeys(plugins):
+                name, others = host.get_name(plugin), [p for p in plugins if p is not plugin]
+                try:
+                    host.subset_hook_caller(hook_name, remove_plugins=others)(register=registrar(name))
+                except PluginError:
+                    raise
+                except Exception as error:
+                    raise PluginError(f"plugin {name}, hook {hook_name}: {_summary(error)}", name) from None
     except PluginError:
         raise
     except Exception as error:
         plugin = host.plugin_at_fault(hook_name, error)
-        raise PluginError(f"plugin {plugin}, hook {hook_name}: {_summary(error)}", plugin) from None
+        raise PluginError(f"plugin {plugin or '?'}, hook {hook_name}: {_summary(error)}", plugin) from None
     host._registries[hook_name] = found
     return found
+
+
+class _Ambiguous(Exception):
+    """A registration whose plugin the stack cannot tell: register plugin by plugin."""
 
 
 def techniques(host: PluginHost) -> dict[str, RegisteredTechnique]:

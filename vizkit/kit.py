@@ -30,7 +30,7 @@ __all__ = [
     "feature_map_layer", "gray_picture", "imagenet_labels", "input_gradients", "last_feature_map_layer",
     "layer_gradients", "layer_option", "layers_option", "normalize_heatmap", "overlay_heatmap", "require_classifier",
     "resize", "resolve_class", "sample_photos", "score_option", "side_by_side", "spread_evenly", "standardize_channels",
-    "target_classes", "tile",
+    "target_classes", "tile", "usable_score",
 ]
 
 #: Colormap names accepted by :func:`colorize` and :func:`overlay_heatmap` (OpenCV's).
@@ -263,6 +263,14 @@ def score_option(default: str = "logit") -> Option:
         "what is differentiated: the class logit (the Grad-CAM paper) or its probability (the chapter)",
         choices=SCORES,
     )
+
+
+def usable_score(graph: "ModelGraph", score: str) -> tuple[str, str | None]:
+    """(score, note): ``score``, or ``probability`` with a note for the report where the
+    model shows no logit to differentiate (it ends in no softmax, sigmoid or linear layer)."""
+    if score == "logit" and not graph.has_logits:
+        return "probability", "score: the model's output (it ends in no softmax or sigmoid whose logit could be taken)"
+    return score, None
 
 
 def batch_option(default: int = 8) -> Option:

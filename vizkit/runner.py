@@ -152,14 +152,15 @@ def add_predictions(graph, images: list, preprocess, labels: list[str] | None) -
     """
     if not graph.is_classifier:
         return
-    for batch in RunContext(graph, images, {}, preprocess).batches(16):
+    context = RunContext(graph, images, {}, preprocess)
+    for group in context.groups(16):
         try:
-            scores = graph.class_scores(batch.inputs)
+            scores = graph.class_scores(context.batch_of(group).inputs)
         except Exception:  # find which image it was: one at a time
-            for image in batch.images:
+            for image in group:
                 add_predictions_one(graph, image, preprocess, labels)
             continue
-        for image, row in zip(batch.images, scores):
+        for image, row in zip(group, scores):
             image.predictions = top_predictions(row, labels)
 
 
@@ -325,15 +326,23 @@ def _apply_report_hooks(pm, report: Report) -> render.Theme:
                     raise TypeError(f"returned a {type(item).__name__}, not a vizkit ReportSection")
                 json.dumps(item.data, allow_nan=False)  # it goes into report.json
             except (TypeError, ValueError) as error:
-                errors.append(f"hook report_sections: section {getattr(item, 'title', '?')!r}: {error}")
+                errors.append(f"hook report_sections: {error}")
                 continue
             report.sections.append({"title": item.title, "html": item.html, "data": item.data})
     css, css_errors = pm.call("report_css")
     folders, folder_errors = pm.call("report_templates")
-    report.plugin_errors += errors + css_errors + folder_errors
+    errors += css_errors + folder_errors
+    errors += [f"hook report_css: returned a {type(text).__name__}, not CSS text" for text in css if not isinstance(text, str)]
+    usable_folders = []
+    for folder in folders:
+        if isinstance(folder, (str, Path)) and Path(folder).is_dir():
+            usable_folders.append(Path(folder))
+        else:
+            errors.append(f"hook report_templates: {folder!r} is not a folder of templates")
+    report.plugin_errors += errors
     for error in report.plugin_errors:
         print(f"vizkit: {error}", file=sys.stderr)
-    return render.Theme(list(css), [Path(folder) for folder in folders])
+    return render.Theme([text for text in css if isinstance(text, str)], usable_folders)
 
 
 def _traceback(error: BaseException, limit: int = 8) -> str:
@@ -393,15 +402,15 @@ def _run_batches(technique, context: RunContext, record: TechniqueRecord) -> lis
     """Each batch through ``run_batch``; a batch that fails is retried image by image, so
     one bad image costs only its own artifacts (recorded in ``record.image_errors``)."""
     artifacts: list[Artifact] = []
-    for batch in context.batches(context.params.get("batch") or technique.batch_size):
+    for group in context.groups(context.params.get("batch") or technique.batch_size):
         try:
-            artifacts += technique.checked(technique.run_batch(context, batch))
+            artifacts += technique.checked(technique.run_batch(context, context.batch_of(group)))
             continue
         except Exception as error:
-            if len(batch) == 1:
-                _image_failed(technique, record, batch.images[0], error)
+            if len(group) == 1:
+                _image_failed(technique, record, group[0], error)
                 continue
-        for image in batch.images:
+        for image in group:
             try:
                 artifacts += technique.checked(technique.run_batch(context, context.batch_of([image])))
             except Exception as error:

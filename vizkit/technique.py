@@ -190,16 +190,20 @@ class RunContext:
         """Tell the reader something about this run (shown in the technique's section)."""
         self.notes.append(message)
 
-    def batches(self, size: int) -> Iterator[Batch]:
+    def groups(self, size: int) -> Iterator[list]:
         """Runs of up to ``size`` consecutive images of equal shape, in input order."""
         group: list = []
         for image in self.images:
             if group and (len(group) == size or image.array.shape != group[0].array.shape):
-                yield self.batch_of(group)
+                yield group
                 group = []
             group.append(image)
         if group:
-            yield self.batch_of(group)
+            yield group
+
+    def batches(self, size: int) -> Iterator[Batch]:
+        """:meth:`groups` as batches: pixels stacked and preprocessed."""
+        return map(self.batch_of, self.groups(size))
 
     def batch_of(self, images: list) -> Batch:
         pixels = np.stack([image.array for image in images]).astype("float32", copy=False)
@@ -229,6 +233,8 @@ class Technique:
     prepare: Callable[[RunContext], None] | None = None
 
     def __post_init__(self) -> None:
+        if not self.name or "." in self.name or "=" in self.name:
+            raise TypeError(f"technique name {self.name!r}: give a name without '.' or '=' (-s NAME.KEY=VALUE)")
         if (self.run is None) == (self.run_batch is None):
             raise TypeError(f"technique {self.name!r}: give exactly one of run= and run_batch=")
         if not self.description:
@@ -286,3 +292,5 @@ class Technique:
             except (ValueError, KeyError) as error:
                 message = error.args[0] if error.args else type(error).__name__
                 raise OptionError(f"{self.name}.{option.name}: {message}") from None
+            except Exception as error:  # a bug in the check itself: still no run without it
+                raise OptionError(f"{self.name}.{option.name}: the option's check failed: {type(error).__name__}: {error}") from None

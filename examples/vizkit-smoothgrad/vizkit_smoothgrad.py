@@ -85,10 +85,13 @@ def display_scale(saliency: np.ndarray, percentile: float = DISPLAY_PERCENTILE) 
 def prepare(context) -> None:
     kit.require_classifier(context.model, "smoothgrad")
     p = context.params
+    score, note = kit.usable_score(context.model, p["score"])
+    if note:
+        context.note(note)
     context.note(
         f"{p['samples']} noisy copies per image, Gaussian noise with σ = {p['noise']:g} × (max − min) of "
         f"the image's pixels, seed {p['seed']}; the map is max over channels of |mean gradient of the "
-        f"class {p['score']}|, divided by its maximum"
+        f"class {score}|, divided by its maximum"
     )
 
 
@@ -96,7 +99,7 @@ def run_batch(context, batch) -> list[Artifact]:
     p = context.params
     maps, classes = smoothgrad(
         context.model, batch.pixels, kit.resolve_class(context), p["samples"], p["noise"], p["seed"],
-        context.preprocess, p["per_pass"], p["score"],
+        context.preprocess, p["per_pass"], kit.usable_score(context.model, p["score"])[0],
     )
     artifacts = []
     for image, saliency, cls in zip(batch.images, maps, classes):
