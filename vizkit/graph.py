@@ -160,6 +160,7 @@ class ModelGraph:
         self._output_model: keras.Model | None = None
         self._score_tensors: dict[str, keras.KerasTensor] = {}
         self._score_models: dict[str, keras.Model] = {}
+        self._probes: dict[tuple, keras.Model] = {}
         self._ending_found: tuple | None = None
         feeding = self._feeding_output()
         self.layers = [
@@ -468,12 +469,15 @@ class ModelGraph:
         features and class scores come from one differentiable call. Like any Keras model
         it returns a list for several outputs, a tensor for one.
         """
-        outputs = [self._tensors[path] for path in paths]
-        if score is not None:
-            outputs.append(self._scores(score))
-        elif with_output:
-            outputs.append(self._output)
-        return keras.Model(self._input, outputs)
+        key = (tuple(paths), with_output, score)
+        if key not in self._probes:  # once per set of layers: a technique asks once per batch
+            outputs = [self._tensors[path] for path in paths]
+            if score is not None:
+                outputs.append(self._scores(score))
+            elif with_output:
+                outputs.append(self._output)
+            self._probes[key] = keras.Model(self._input, outputs)
+        return self._probes[key]
 
     @property
     def output_model(self) -> keras.Model:

@@ -226,7 +226,7 @@ def _check_registrations(host: PluginHost, strict: bool) -> None:
     while True:
         try:
             techniques(host)
-            model_loaders(host)
+            _loader_registry(host)
             return
         except PluginError as error:
             origin = host.origins.get(error.plugin or "")
@@ -369,16 +369,13 @@ def techniques(host: PluginHost) -> dict[str, RegisteredTechnique]:
     return {name: RegisteredTechnique(t, plugin) for name, (t, plugin) in sorted(found.items())}
 
 
+def _loader_registry(host: PluginHost) -> dict[str, tuple[ModelLoader, str]]:
+    return _collect(host, "register_model_loaders", ModelLoader, lambda m: m.scheme, "model scheme")
+
+
 def model_loaders(host: PluginHost) -> dict[str, ModelLoader]:
     """Model loaders by scheme, in pluggy's call order (the order they are tried in)."""
-    found = _collect(host, "register_model_loaders", ModelLoader, lambda m: m.scheme, "model scheme")
-    return {scheme: loader for scheme, (loader, _) in found.items()}
-
-
-def model_loader_plugins(host: PluginHost) -> dict[str, str]:
-    """Scheme → the plugin that registered its loader."""
-    found = _collect(host, "register_model_loaders", ModelLoader, lambda m: m.scheme, "model scheme")
-    return {scheme: plugin for scheme, (_, plugin) in found.items()}
+    return {scheme: loader for scheme, (loader, _) in _loader_registry(host).items()}
 
 
 def select(
@@ -400,7 +397,7 @@ def describe_plugins(host: PluginHost) -> list[dict]:
     for name, registered in techniques(host).items():
         by_plugin.setdefault(registered.plugin, []).append(name)
     schemes: dict[str, list[str]] = {}
-    for scheme, plugin in model_loader_plugins(host).items():
+    for scheme, (_, plugin) in _loader_registry(host).items():
         schemes.setdefault(plugin, []).append(scheme)
     unknown = Origin("registered", "", "unknown")  # added with plain pm.register()
     rows = [
