@@ -7,6 +7,7 @@ by ``vizkit plugins`` in a blink. ``docs/api.md`` documents each name.
 
 from __future__ import annotations
 
+import weakref
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
@@ -25,7 +26,7 @@ if TYPE_CHECKING:
     from vizkit.technique import RunContext
 
 __all__ = [
-    "COLORMAPS", "atomic_path", "guess_preprocess", "import_object", "preprocessor", "SCORES", "batch_option", "class_index", "class_option", "colorize", "conv_layer",
+    "COLORMAPS", "atomic_path", "guess_preprocess", "import_object", "preprocessor", "SCORES", "batch_option", "class_index", "class_option", "class_scores", "colorize", "conv_layer",
     "conv_layers", "deprocess_pattern", "describe_class", "describe_predictions", "explainable_layer",
     "feature_map_layer", "gray_picture", "imagenet_labels", "input_gradients", "last_feature_map_layer",
     "layer_gradients", "layer_option", "layers_option", "normalize_heatmap", "overlay_heatmap", "require_classifier",
@@ -211,11 +212,7 @@ def target_classes(scores: np.ndarray, classes: int | Sequence[int] | None = Non
     scores = np.asarray(scores)
     if classes is None:
         return np.argmax(scores, axis=-1).astype("int32")
-    targets = np.broadcast_to(np.asarray(classes, dtype="int32"), (len(scores),)).copy()
-    outside = targets[(targets < 0) | (targets >= scores.shape[-1])]
-    if outside.size:
-        raise ValueError(f"class {int(outside[0])} is outside 0-{scores.shape[-1] - 1}")
-    return targets
+    return _checked_classes(classes, len(scores), scores.shape[-1])
 
 
 # -- options shared by techniques --------------------------------------------------------
@@ -277,12 +274,42 @@ def batch_option(default: int = 8) -> Option:
     return Option("batch", int, default, "images per batch", minimum=1)
 
 
-# -- gradients (TensorFlow loads here) ---------------------------------------------------
+# -- compiled forward and backward passes (TensorFlow loads here) -------------------------
+#
+# Each is one tf.function per (model, layer, score, ...), kept as long as the model's
+# graph lives and traced once per input shape (reduce_retracing relaxes the batch size
+# after the first change), so a technique calling them once per batch pays the tracing
+# once per run.
+
+_COMPILED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
-def _gather_targets(tf, scores, classes):
-    targets = tf.constant(target_classes(scores.numpy(), classes))
-    return targets, tf.gather(scores, targets, axis=1, batch_dims=1)
+def _compiled(graph: "ModelGraph", key: tuple, build: Callable[[], Callable]) -> Callable:
+    functions = _COMPILED.setdefault(graph, {})
+    if key not in functions:
+        functions[key] = build()
+    return functions[key]
+
+
+def _targets(graph: "ModelGraph", count: int, classes: int | Sequence[int] | None) -> np.ndarray:
+    """One class per image, checked; -1 stands for "the image's top-1 class"."""
+    if classes is None:
+        return np.full((count,), -1, dtype="int32")
+    return _checked_classes(classes, count, graph.num_classes)
+
+
+def _checked_classes(classes: int | Sequence[int], count: int, num_classes: int) -> np.ndarray:
+    targets = np.broadcast_to(np.asarray(classes, dtype="int32"), (count,)).copy()
+    outside = targets[(targets < 0) | (targets >= num_classes)]
+    if outside.size:
+        raise ValueError(f"class {int(outside[0])} is outside 0-{num_classes - 1}")
+    return targets
+
+
+def _chosen_scores(tf, scores, targets):
+    """Each row's score for its target class (its top-1 where the target is -1)."""
+    chosen = tf.where(targets < 0, tf.argmax(scores, axis=-1, output_type=tf.int32), targets)
+    return chosen, tf.gather(scores, chosen, axis=1, batch_dims=1)
 
 
 def layer_gradients(
@@ -296,13 +323,22 @@ def layer_gradients(
     import tensorflow as tf
 
     path = graph.resolve(layer)
-    probe = graph.probe([path], with_output=True, score=score)
-    x = tf.convert_to_tensor(inputs, dtype=tf.float32)
-    with tf.GradientTape() as tape:
-        features, scores = probe(x, training=False)
-        targets, selected = _gather_targets(tf, scores, classes)
-    gradients = tape.gradient(selected, features)
-    return features.numpy(), gradients.numpy(), targets.numpy()
+
+    def build():
+        probe = graph.probe([path], with_output=True, score=score)
+
+        @tf.function(reduce_retracing=True)
+        def run(x, targets):
+            with tf.GradientTape() as tape:
+                features, scores = probe(x, training=False)
+                chosen, selected = _chosen_scores(tf, scores, targets)
+            return features, tape.gradient(selected, features), chosen
+
+        return run
+
+    run = _compiled(graph, ("layer", path, score), build)
+    features, gradients, chosen = run(tf.convert_to_tensor(inputs, dtype=tf.float32), _targets(graph, len(inputs), classes))
+    return features.numpy(), gradients.numpy(), chosen.numpy()
 
 
 def input_gradients(
@@ -316,11 +352,33 @@ def input_gradients(
     0-255 pixels (N×H×W×C), through ``preprocess``, and the classes used."""
     import tensorflow as tf
 
-    model = graph.probe([], with_output=True, score=score)
-    x = tf.convert_to_tensor(pixels, dtype=tf.float32)
-    with tf.GradientTape() as tape:
-        tape.watch(x)
-        scores = model(preprocess(x), training=False)
-        scores = scores[0] if isinstance(scores, (list, tuple)) else scores
-        targets, selected = _gather_targets(tf, scores, classes)
-    return tape.gradient(selected, x).numpy(), targets.numpy()
+    def build():
+        model = graph.scores_model(score)
+
+        @tf.function(reduce_retracing=True)
+        def run(x, targets):
+            with tf.GradientTape() as tape:
+                tape.watch(x)
+                chosen, selected = _chosen_scores(tf, model(preprocess(x), training=False), targets)
+            return tape.gradient(selected, x), chosen
+
+        return run
+
+    run = _compiled(graph, ("input", score, preprocess), build)
+    gradients, chosen = run(tf.convert_to_tensor(pixels, dtype=tf.float32), _targets(graph, len(pixels), classes))
+    return gradients.numpy(), chosen.numpy()
+
+
+def class_scores(graph: "ModelGraph", inputs: np.ndarray, score: str = "probability", batch: int = 64) -> np.ndarray:
+    """Scores per class (N × classes) of a preprocessed batch, ``batch`` rows per compiled
+    forward pass: for perturbation methods that score many masked copies of an image."""
+    import tensorflow as tf
+
+    def build():
+        model = graph.scores_model(score)
+        return tf.function(lambda x: model(x, training=False), reduce_retracing=True)
+
+    run = _compiled(graph, ("scores", score), build)
+    inputs = np.asarray(inputs, dtype="float32")
+    parts = [run(tf.convert_to_tensor(inputs[i : i + batch])).numpy() for i in range(0, len(inputs), batch)]
+    return np.concatenate(parts) if parts else np.zeros((0, graph.num_classes), dtype="float32")
