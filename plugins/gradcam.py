@@ -57,7 +57,7 @@ def run_batch(context, batch) -> list[Artifact]:
             Artifact(
                 title=f"{image.id} · class {kit.describe_class(int(cls), context.labels)}",
                 array=heatmap,
-                picture=kit.overlay_heatmap(image.display, heatmap, params["alpha"], params["overlay"], params["colormap"]),
+                picture=kit.heatmap_picture(image.display, heatmap, params),
                 image_id=image.id,
                 layer=path,
                 caption=kit.describe_predictions(image.predictions[: params["top"]]),
@@ -72,14 +72,13 @@ TECHNIQUE = Technique(
     prepare=prepare,
     description="Grad-CAM heatmaps of where in each image the predicted (or chosen) class comes from (Selvaraju et al. 2017).",
     accepts=kit.explainable_layer,
+    comparable=True,
     options=(
         kit.layer_option("gradcam", kit.explainable_layer, "layer to explain; default: the last feature-map layer before the classifier"),
         kit.class_option(),
         kit.score_option("logit"),
         Option("top", int, 3, "predictions listed per image", minimum=0),
-        Option("alpha", float, 0.4, "heatmap weight in the overlay", minimum=0, maximum=1),
-        Option("overlay", str, "add", "add: the chapter's heatmap × alpha + image; blend: a proper alpha blend", choices=("add", "blend")),
-        Option("colormap", str, "jet", "colormap of the heatmap", choices=kit.COLORMAPS),
+        *kit.overlay_options(0.4),
         kit.batch_option(8),
     ),
 )

@@ -28,7 +28,7 @@ if TYPE_CHECKING:
 __all__ = [
     "COLORMAPS", "atomic_path", "guess_preprocess", "import_object", "preprocessor", "SCORES", "batch_option", "class_index", "class_option", "class_scores", "colorize", "conv_layer",
     "conv_layers", "deprocess_pattern", "describe_class", "describe_predictions", "explainable_layer",
-    "feature_map_layer", "gray_picture", "imagenet_labels", "input_gradients", "last_feature_map_layer",
+    "feature_map_layer", "gray_picture", "heatmap_picture", "overlay_options", "attribution_map", "imagenet_labels", "input_gradients", "last_feature_map_layer",
     "layer_gradients", "layer_option", "layers_option", "normalize_heatmap", "overlay_heatmap", "require_classifier",
     "resize", "resolve_class", "sample_photos", "score_option", "side_by_side", "spread_evenly", "standardize_channels",
     "target_classes", "tile", "usable_score",
@@ -268,6 +268,31 @@ def usable_score(graph: "ModelGraph", score: str) -> tuple[str, str | None]:
     if score == "logit" and not graph.has_logits:
         return "probability", "score: the model's output (it ends in no softmax or sigmoid whose logit could be taken)"
     return score, None
+
+
+def overlay_options(alpha: float = 0.4) -> tuple[Option, ...]:
+    """``alpha``, ``overlay`` and ``colormap``: how a heatmap is laid over the photo, the
+    same options for every heatmap technique so the comparison view can match them."""
+    return (
+        Option("alpha", float, alpha, "heatmap weight in the overlay", minimum=0, maximum=1),
+        Option("overlay", str, "add", "add: the chapter's heatmap × alpha + image; blend: a proper alpha blend", choices=("add", "blend")),
+        Option("colormap", str, "jet", "colormap of the heatmap", choices=COLORMAPS),
+    )
+
+
+def heatmap_picture(display: np.ndarray, heatmap: np.ndarray, params: dict) -> np.ndarray:
+    """The picture of a heatmap in [0, 1] over a photo, as :func:`overlay_options` set it."""
+    return overlay_heatmap(display, heatmap, params["alpha"], params["overlay"], params["colormap"])
+
+
+def attribution_map(attribution: np.ndarray, percentile: float = 99.0) -> np.ndarray:
+    """A signed attribution (N×H×W×C or H×W×C) as the map shown: the largest |value| over
+    the channels, capped at its ``percentile`` and divided by the cap, in [0, 1] (the
+    SmoothGrad paper's display; a few extreme pixels would leave the rest black)."""
+    magnitude = np.abs(np.asarray(attribution, dtype="float32")).max(axis=-1)
+    caps = np.percentile(magnitude, percentile, axis=(-2, -1), keepdims=True).astype("float32")
+    caps = np.where(caps > 0, caps, magnitude.max(axis=(-2, -1), keepdims=True))
+    return np.clip(np.divide(magnitude, caps, out=np.zeros_like(magnitude), where=caps > 0), 0, 1)
 
 
 def batch_option(default: int = 8) -> Option:

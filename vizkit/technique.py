@@ -231,6 +231,10 @@ class Technique:
     #: Called once before the batches of a ``run_batch`` technique: note the choices made
     #: for the whole run (the layer and why); raising fails the whole technique.
     prepare: Callable[[RunContext], None] | None = None
+    #: One heatmap per image that explains a class (CAM and attribution methods): the
+    #: report shows it beside the other such techniques in its comparison view, and
+    #: ``-t explain`` selects it.
+    comparable: bool = False
 
     def __post_init__(self) -> None:
         if not self.name or "." in self.name or "=" in self.name:
