@@ -378,16 +378,28 @@ def model_loaders(host: PluginHost) -> dict[str, ModelLoader]:
     return {scheme: loader for scheme, (loader, _) in _loader_registry(host).items()}
 
 
+#: ``-t explain``: every comparable technique (CAM and attribution methods), side by side.
+EXPLAIN = "explain"
+
+
 def select(
     available: dict[str, RegisteredTechnique], names: list[str] | tuple[str, ...]
 ) -> list[RegisteredTechnique]:
-    """The techniques named, in the order given; all of them when none are named."""
+    """The techniques named, in the order given; all of them when none are named.
+
+    ``explain`` (unless a technique has that name) stands for every comparable technique.
+    """
     if not names:
         return list(available.values())
+    expanded: list[str] = []
     for name in names:
-        if name not in available:
-            raise KeyError(f"no technique {name!r}; installed: {suggest(name, list(available))}")
-    return [available[name] for name in dict.fromkeys(names)]
+        if name == EXPLAIN and name not in available:
+            expanded += [n for n, r in available.items() if r.technique.comparable]
+        elif name in available:
+            expanded.append(name)
+        else:
+            raise KeyError(f"no technique {name!r}; installed: {suggest(name, [*available, EXPLAIN])}")
+    return [available[name] for name in dict.fromkeys(expanded)]
 
 
 def describe_plugins(host: PluginHost) -> list[dict]:

@@ -63,6 +63,7 @@ class TechniqueRecord:
     error: str | None = None
     traceback: str | None = None
     image_errors: list[dict] = field(default_factory=list)  # image_id, error, traceback
+    comparable: bool = False  # one heatmap per image: shown in the comparison view
     duration_s: float | None = None
     notes: list[str] = field(default_factory=list)
     artifacts: list[ArtifactRecord] = field(default_factory=list)
@@ -81,6 +82,7 @@ class TechniqueRecord:
             "error": self.error,
             "traceback": self.traceback,
             "image_errors": self.image_errors,
+            "comparable": self.comparable,
             "duration_s": self.duration_s,
             "params": self.params,
             "notes": self.notes,
@@ -101,6 +103,20 @@ class Report:
     arrays_saved: bool = False
     sections: list[dict] = field(default_factory=list)  # title, html, data
     plugin_errors: list[str] = field(default_factory=list)  # report hooks that raised
+
+    def comparison(self) -> list[tuple[ImageRecord, list[tuple[str, ArtifactRecord]]]]:
+        """For each image, the heatmaps of the comparable techniques that explain it, in
+        the order the techniques ran: the rows of the report's comparison view."""
+        rows = []
+        for image in self.images:
+            found = [
+                (technique.name, artifact)
+                for technique in self.techniques if technique.comparable
+                for artifact in technique.artifacts if artifact.image_id == image.id
+            ]
+            if found:
+                rows.append((image, found))
+        return rows
 
     @property
     def failed(self) -> bool:

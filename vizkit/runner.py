@@ -368,7 +368,9 @@ def _image_record(image: image_io.LoadedImage) -> ImageRecord:
 def _run_technique(registered, context: RunContext, progress) -> TechniqueRecord:
     """Run one technique; whatever it raises is recorded, never passed on."""
     technique = registered.technique
-    record = TechniqueRecord(technique.name, registered.plugin, technique.description, "ok", context.params)
+    record = TechniqueRecord(
+        technique.name, registered.plugin, technique.description, "ok", context.params, comparable=technique.comparable
+    )
     if not context.images:
         record.status, record.error = "skipped", "no image could be read"
         return record
