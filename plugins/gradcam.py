@@ -44,26 +44,11 @@ def prepare(context) -> None:
 
 
 def run_batch(context, batch) -> list[Artifact]:
-    params = context.params
     path, _ = _layer(context)
     context.progress(f"{len(batch)} image(s)")
-    score, _ = kit.usable_score(context.model, params["score"])
+    score, _ = kit.usable_score(context.model, context.params["score"])
     heatmaps, classes = gradcam(context.model, batch.inputs, path, kit.resolve_class(context), score)
-    artifacts = []
-    for image, heatmap, cls in zip(batch.images, heatmaps, classes):
-        if not heatmap.any():
-            context.note(f"{image.id}: the heatmap is all zero (no positive evidence for class {cls} at {path})")
-        artifacts.append(
-            Artifact(
-                title=f"{image.id} · class {kit.describe_class(int(cls), context.labels)}",
-                array=heatmap,
-                picture=kit.heatmap_picture(image.display, heatmap, params),
-                image_id=image.id,
-                layer=path,
-                caption=kit.describe_predictions(image.predictions[: params["top"]]),
-            )
-        )
-    return artifacts
+    return kit.heatmap_artifacts(context, batch, heatmaps, classes, layer=path)
 
 
 TECHNIQUE = Technique(

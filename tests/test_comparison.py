@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import re
 
-import numpy as np
 
 import vizkit
 from vizkit import Artifact, Technique, host, kit

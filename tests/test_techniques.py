@@ -22,7 +22,6 @@ from vizkit.graph import LayerError, ModelGraph
 from vizkit.kit import last_feature_map_layer, overlay_heatmap
 from vizkit.plugins import activations as activations_plugin
 from vizkit.plugins import filters as filters_plugin
-from vizkit.plugins import gradcam as gradcam_plugin
 from vizkit.plugins.activations import channel_grid, feature_maps
 from vizkit.plugins.filters import filter_patterns, initial_inputs
 from vizkit.plugins.gradcam import gradcam as gradcam_of_score

@@ -31,6 +31,9 @@ class VizkitGroup(click.Group):
         except KeyboardInterrupt:
             click.echo("vizkit: interrupted; no report was written", err=True)
             ctx.exit(ExitCode.INTERRUPTED)
+        except BrokenPipeError:  # `vizkit techniques | head`: the reader has what it wanted
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            ctx.exit(ExitCode.OK)
         except Exception as error:
             where = _save_traceback(error)
             written = getattr(error, "vizkit_outdir", None)
@@ -228,15 +231,20 @@ def plugins(as_json, plugins, disabled):
 @click.argument("name", required=False)
 @plugin_options
 def techniques(name, plugins, disabled):
-    """List techniques, or show the options of technique NAME."""
+    """List techniques, or show the options of technique NAME.
+
+    A run without -t uses those not marked [with -t only]; -t explain runs every CAM and
+    attribution technique side by side.
+    """
     available = host.techniques(_host(plugins, disabled))
     try:
-        selected = host.select(available, [name] if name else [])
+        selected = host.select(available, [name]) if name else list(available.values())
     except KeyError as error:
         raise click.UsageError(str(error.args[0])) from None
     for registered in selected:
         technique = registered.technique
-        click.echo(f"{technique.name} ({registered.plugin}): {technique.description}")
+        opt_in = "" if technique.by_default else " [with -t only]"
+        click.echo(f"{technique.name} ({registered.plugin}){opt_in}: {technique.description}")
         if name:
             for option in technique.options:
                 facts = [f"default: {option.default if option.default not in (None, []) else '(automatic)'}"]

