@@ -479,7 +479,7 @@ def _shared_options(batch: int = 8) -> tuple[Option, ...]:
     return (
         kit.class_option(),
         kit.score_option("logit"),
-        Option("top", int, 3, "predictions listed per image", minimum=0),
+        kit.top_option(),
         *kit.overlay_options(0.4),
         kit.batch_option(batch),
     )

@@ -267,7 +267,7 @@ def _gradient_technique(method: GradientCam) -> Technique:
             kit.layer_option(method.name, kit.explainable_layer, LAYER_HELP),
             kit.class_option(),
             kit.score_option("logit"),
-            Option("top", int, 3, "predictions listed per image", minimum=0),
+            kit.top_option(),
             *kit.overlay_options(0.4),
             kit.batch_option(8),
         ),
@@ -308,7 +308,7 @@ EIGENCAM = Technique(
     options=(
         kit.layer_option("eigencam", kit.explainable_layer, LAYER_HELP),
         Option("center", bool, False, "subtract each channel's mean first (pytorch-grad-cam); default: uncentred, as the paper"),
-        Option("top", int, 3, "predictions listed per image", minimum=0),
+        kit.top_option(),
         *kit.overlay_options(0.4),
         kit.batch_option(8),
     ),

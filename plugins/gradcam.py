@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 import vizkit
-from vizkit import Artifact, Option, Technique, hookimpl, kit
+from vizkit import Artifact, Technique, hookimpl, kit
 
 
 def gradcam(
@@ -62,7 +62,7 @@ TECHNIQUE = Technique(
         kit.layer_option("gradcam", kit.explainable_layer, "layer to explain; default: the last feature-map layer before the classifier"),
         kit.class_option(),
         kit.score_option("logit"),
-        Option("top", int, 3, "predictions listed per image", minimum=0),
+        kit.top_option(),
         *kit.overlay_options(0.4),
         kit.batch_option(8),
     ),

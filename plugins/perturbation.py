@@ -284,7 +284,7 @@ def _shared_options(per_pass_help: str) -> tuple[Option, ...]:
         kit.class_option(),
         kit.score_option("probability", "class score compared: probability (the papers) or logit"),
         Option("per_pass", int, 64, per_pass_help, minimum=1),
-        Option("top", int, 3, "predictions listed per image", minimum=0),
+        kit.top_option(),
         *kit.overlay_options(0.4),
         kit.batch_option(8),
     )

@@ -236,7 +236,7 @@ def _common_options(name: str) -> tuple[Option, ...]:
         kit.layer_option(name, kit.explainable_layer, "layer to explain; default: the last feature-map layer before the classifier"),
         kit.class_option(),
         kit.score_option("probability", "what is measured: the class probability (the paper) or its logit"),
-        Option("top", int, 3, "predictions listed per image", minimum=0),
+        kit.top_option(),
         *kit.overlay_options(0.4),
     )
 

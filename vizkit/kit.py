@@ -31,7 +31,7 @@ __all__ = [
     "feature_map_layer", "gray_picture", "heatmap_artifacts", "heatmap_picture", "per_model", "overlay_options", "attribution_map", "imagenet_labels", "input_gradients", "last_feature_map_layer",
     "layer_gradients", "layer_option", "layers_option", "normalize_heatmap", "overlay_heatmap", "require_classifier",
     "resize", "resolve_class", "sample_photos", "score_option", "side_by_side", "spread_evenly", "standardize_channels",
-    "target_classes", "tile", "usable_score",
+    "target_classes", "tile", "top_option", "usable_score",
 ]
 
 #: Colormap names accepted by :func:`colorize` and :func:`overlay_heatmap` (OpenCV's).
@@ -332,6 +332,11 @@ def attribution_map(attribution: np.ndarray, percentile: float = 99.0) -> np.nda
     caps = np.percentile(magnitude, percentile, axis=(-2, -1), keepdims=True).astype("float32")
     caps = np.where(caps > 0, caps, magnitude.max(axis=(-2, -1), keepdims=True))
     return np.clip(np.divide(magnitude, caps, out=np.zeros_like(magnitude), where=caps > 0), 0, 1)
+
+
+def top_option(default: int = 3) -> Option:
+    """A ``top`` option: how many predictions a heatmap's caption lists."""
+    return Option("top", int, default, "predictions listed per image", minimum=0)
 
 
 def batch_option(default: int = 8) -> Option:
