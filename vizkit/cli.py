@@ -112,7 +112,9 @@ def main():
 @click.option("-t", "--technique", "techniques", multiple=True, help="Technique to run (repeatable); default: all.")
 @click.option("-o", "--outdir", type=click.Path(file_okay=False, path_type=Path), help="Report folder; default: a new one under reports/.")
 @click.option("--preprocess", help="caffe, tf, torch, unit, none or package.module:function; default: the model's.")
-@click.option("-s", "--set", "settings", multiple=True, metavar="TECHNIQUE.KEY=VALUE", help="A technique option (repeatable); see `vizkit techniques`.")
+@click.option("-m", "--metric", "metrics", multiple=True, help="Metric to measure the explanations with (repeatable); default: all, when a CAM or attribution technique runs. See `vizkit metrics`.")
+@click.option("--no-metrics", is_flag=True, help="Measure no explanation (faster).")
+@click.option("-s", "--set", "settings", multiple=True, metavar="NAME.KEY=VALUE", help="A technique's or metric's option (repeatable); see `vizkit techniques`, `vizkit metrics`.")
 @click.option("--weights", type=click.Choice(["imagenet", "none"]), default="imagenet", show_default=True, help="Weights of keras.applications models.")
 @click.option("--size", type=click.IntRange(min=8), help="Input size for models with a free (or unknown) input size.")
 @click.option("--labels", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="Class names: a JSON list, or a text file with one per line.")
@@ -120,7 +122,7 @@ def main():
 @click.option("--config", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="Technique options from a TOML file; default: [tool.vizkit] in ./pyproject.toml.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress messages.")
 @plugin_options
-def run(model, inputs, techniques, outdir, preprocess, settings, weights, size, labels, save_arrays, config, quiet, plugins, disabled):
+def run(model, inputs, techniques, metrics, no_metrics, outdir, preprocess, settings, weights, size, labels, save_arrays, config, quiet, plugins, disabled):
     """Apply techniques to MODEL for the images INPUTS (files or folders) and write a report.
 
     MODEL is a .keras or .h5 file, a keras.applications name (vgg16, resnet50,
@@ -133,6 +135,8 @@ def run(model, inputs, techniques, outdir, preprocess, settings, weights, size, 
     """
     from vizkit.runner import run as run_report
 
+    if metrics and no_metrics:
+        raise click.UsageError("-m and --no-metrics contradict each other: give one")
     pm = _host(plugins, disabled)
     try:
         configured = load_settings(config)
@@ -140,6 +144,7 @@ def run(model, inputs, techniques, outdir, preprocess, settings, weights, size, 
         raise click.UsageError(str(error)) from None
     options = RunOptions(
         techniques=list(techniques),
+        metrics=[] if no_metrics else (list(metrics) or None),
         settings=_parse_settings(settings),
         config=configured,
         preprocess=preprocess,
@@ -246,17 +251,42 @@ def techniques(name, plugins, disabled):
         opt_in = "" if technique.by_default else " [with -t only]"
         click.echo(f"{technique.name} ({registered.plugin}){opt_in}: {technique.description}")
         if name:
-            for option in technique.options:
-                facts = [f"default: {option.default if option.default not in (None, []) else '(automatic)'}"]
-                if option.choices is not None:
-                    facts.append("one of: " + ", ".join(map(str, option.choices)))
-                if option.minimum is not None:
-                    facts.append(f"at least {option.minimum:g}")
-                if option.maximum is not None:
-                    facts.append(f"at most {option.maximum:g}")
-                click.echo(
-                    f"  -s {technique.name}.{option.name}=<{option.type.__name__}>  {option.help} [{'; '.join(facts)}]"
-                )
+            _echo_options(technique.name, technique.options)
+
+
+@main.command()
+@click.argument("name", required=False)
+@plugin_options
+def metrics(name, plugins, disabled):
+    """List metrics, or show the options of metric NAME.
+
+    Metrics measure every heatmap of the CAM and attribution techniques in a run (those
+    not marked [with -m only] run by default); the report shows their numbers beside
+    each heatmap and in a summary table.
+    """
+    try:
+        available = host.metrics(_host(plugins, disabled))
+        selected = host.select_metrics(available, [name] if name else list(available))
+    except (KeyError, host.PluginError) as error:
+        raise click.UsageError(str(error.args[0])) from None
+    for registered in selected:
+        metric = registered.metric
+        opt_in = "" if metric.by_default else " [with -m only]"
+        click.echo(f"{metric.name} ({registered.plugin}){opt_in}: {metric.description}")
+        if name:
+            _echo_options(metric.name, metric.options)
+
+
+def _echo_options(owner: str, options) -> None:
+    for option in options:
+        facts = [f"default: {option.default if option.default not in (None, []) else '(automatic)'}"]
+        if option.choices is not None:
+            facts.append("one of: " + ", ".join(map(str, option.choices)))
+        if option.minimum is not None:
+            facts.append(f"at least {option.minimum:g}")
+        if option.maximum is not None:
+            facts.append(f"at most {option.maximum:g}")
+        click.echo(f"  -s {owner}.{option.name}=<{option.type.__name__}>  {option.help} [{'; '.join(facts)}]")
 
 
 @main.command()

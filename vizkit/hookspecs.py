@@ -13,6 +13,7 @@ from typing import Callable
 import pluggy
 
 from vizkit.extension import ModelLoader, ReportSection
+from vizkit.metric import Metric
 from vizkit.report import Report
 from vizkit.technique import Technique
 
@@ -25,6 +26,15 @@ def register_techniques(register: Callable[[Technique], None]) -> None:
 
     A callback rather than a return value, so one plugin can register several
     techniques, or none, depending on what is installed (the pattern of llm's hooks).
+    """
+
+
+@hookspec
+def register_metrics(register: Callable[[Metric], None]) -> None:
+    """Register metrics, evidence about each explanation: ``register(Metric(...))``.
+
+    vizkit's deletion/insertion curves and its model randomization check are registered
+    this way; each metric runs on every comparable technique of a run.
     """
 
 

@@ -24,6 +24,7 @@ import pluggy
 
 from vizkit import __version__, hookspecs
 from vizkit.extension import ModelLoader
+from vizkit.metric import Metric
 from vizkit.technique import Technique, suggest
 
 ENTRY_POINT_GROUP = "vizkit"
@@ -373,6 +374,37 @@ def techniques(host: PluginHost) -> dict[str, RegisteredTechnique]:
     return {name: RegisteredTechnique(t, plugin) for name, (t, plugin) in sorted(found.items())}
 
 
+@dataclass(frozen=True)
+class RegisteredMetric:
+    metric: Metric
+    plugin: str
+
+
+def metrics(host: PluginHost) -> dict[str, RegisteredMetric]:
+    """Every registered metric by name (sorted), each with the plugin that registered it.
+
+    Metric and technique names share ``-s NAME.KEY=VALUE``, so a metric may not take a
+    technique's name."""
+    found = _collect(host, "register_metrics", Metric, lambda m: m.name, "metric")
+    clash = sorted(set(found) & set(techniques(host)))
+    if clash:
+        raise PluginError(
+            f"{clash[0]!r} is both a technique and a metric (plugin {found[clash[0]][1]}); "
+            "-s cannot tell them apart: rename one, or leave a plugin out with --disable-plugin NAME"
+        )
+    return {name: RegisteredMetric(m, plugin) for name, (m, plugin) in sorted(found.items())}
+
+
+def select_metrics(available: dict[str, RegisteredMetric], names: list[str] | None) -> list[RegisteredMetric]:
+    """The metrics named, in the order given; None: those that run by default."""
+    if names is None:
+        return [r for r in available.values() if r.metric.by_default]
+    for name in names:
+        if name not in available:
+            raise KeyError(f"no metric {name!r}; installed: {suggest(name, list(available)) or '(none)'}")
+    return [available[name] for name in dict.fromkeys(names)]
+
+
 def _loader_registry(host: PluginHost) -> dict[str, tuple[ModelLoader, str]]:
     return _collect(host, "register_model_loaders", ModelLoader, lambda m: m.scheme, "model scheme")
 
@@ -412,6 +444,9 @@ def describe_plugins(host: PluginHost) -> list[dict]:
     by_plugin: dict[str, list[str]] = {}
     for name, registered in techniques(host).items():
         by_plugin.setdefault(registered.plugin, []).append(name)
+    measured_by: dict[str, list[str]] = {}
+    for name, registered in metrics(host).items():
+        measured_by.setdefault(registered.plugin, []).append(name)
     schemes: dict[str, list[str]] = {}
     for scheme, (_, plugin) in _loader_registry(host).items():
         schemes.setdefault(plugin, []).append(scheme)
@@ -426,6 +461,7 @@ def describe_plugins(host: PluginHost) -> list[dict]:
             "error": None,
             "hooks": sorted(caller.name for caller in host.get_hookcallers(plugin)),
             "techniques": by_plugin.get(name, []),
+            "metrics": measured_by.get(name, []),
             "model_loaders": sorted(schemes.get(name, [])),
         }
         for name, plugin in host.list_name_plugin()
@@ -434,7 +470,7 @@ def describe_plugins(host: PluginHost) -> list[dict]:
     rows += [
         {
             "name": b.name, "version": b.origin.version, "origin": b.origin.kind, "where": b.origin.where,
-            "status": "broken", "error": b.error, "hooks": [], "techniques": [], "model_loaders": [],
+            "status": "broken", "error": b.error, "hooks": [], "techniques": [], "metrics": [], "model_loaders": [],
         }
         for b in host.broken
     ]

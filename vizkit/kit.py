@@ -27,10 +27,10 @@ if TYPE_CHECKING:
 
 __all__ = [
     "COLORMAPS", "atomic_path", "guess_preprocess", "import_object", "preprocessor", "SCORES", "batch_option", "class_index", "class_option", "class_scores", "colorize", "conv_layer",
-    "conv_layers", "deprocess_pattern", "describe_class", "describe_predictions", "explainable_layer",
+    "conv_layers", "deprocess_pattern", "describe_class", "describe_predictions", "explainable_layer", "explanation_map",
     "feature_map_layer", "gray_picture", "heatmap_artifacts", "heatmap_picture", "per_model", "overlay_options", "attribution_map", "imagenet_labels", "input_gradients", "last_feature_map_layer",
     "layer_gradients", "layer_option", "layers_option", "normalize_heatmap", "overlay_heatmap", "require_classifier",
-    "resize", "resolve_class", "sample_photos", "score_option", "side_by_side", "spread_evenly", "standardize_channels",
+    "resize", "resolve_class", "sample_photos", "score_option", "side_by_side", "spearman", "spread_evenly", "ssim", "standardize_channels",
     "target_classes", "tile", "top_option", "usable_score",
 ]
 
@@ -319,6 +319,7 @@ def heatmap_artifacts(
                 image_id=image.id,
                 layer=layer,
                 caption="; ".join(part for part in caption if part),
+                target=None if classes is None else int(classes[index]),
             )
         )
     return artifacts
@@ -332,6 +333,67 @@ def attribution_map(attribution: np.ndarray, percentile: float = 99.0) -> np.nda
     caps = np.percentile(magnitude, percentile, axis=(-2, -1), keepdims=True).astype("float32")
     caps = np.where(caps > 0, caps, magnitude.max(axis=(-2, -1), keepdims=True))
     return np.clip(np.divide(magnitude, caps, out=np.zeros_like(magnitude), where=caps > 0), 0, 1)
+
+
+# -- comparing maps (metrics, sanity checks, report comparisons) ------------------------
+
+
+def explanation_map(array: np.ndarray, height: int | None = None, width: int | None = None) -> np.ndarray:
+    """An artifact's array as one H×W float32 map that ranks pixels: a 2-D map as it is
+    (a CAM, occlusion's score drops), a 3-D one (H×W×C attributions) as its largest
+    |value| over the channels, as the report shows it, uncapped; resized bilinearly to
+    ``height``×``width`` if given (a CAM at its layer's resolution, to the image's)."""
+    values = np.asarray(array, dtype="float32")
+    if values.ndim == 3:
+        values = np.abs(values).max(axis=-1)
+    if values.ndim != 2:
+        raise ValueError(f"an explanation map is H×W or H×W×C, not shape {values.shape}")
+    if height is not None and width is not None and values.shape != (height, width):
+        values = resize(values, height, width, "bilinear")
+    return values
+
+
+def _ranks(values: np.ndarray) -> np.ndarray:
+    """Ranks 1..n of a flat array, ties given their average rank (as Spearman's ρ needs)."""
+    order = np.argsort(values, kind="stable")
+    _, first, counts = np.unique(values[order], return_index=True, return_counts=True)
+    average = first + (counts + 1) / 2.0
+    ranks = np.empty(values.size, dtype="float64")
+    ranks[order] = np.repeat(average, counts)
+    return ranks
+
+
+def spearman(a: np.ndarray, b: np.ndarray) -> float:
+    """Spearman's rank correlation of two maps of one shape (ties averaged); 0 where one
+    of them is constant (nothing to rank)."""
+    a, b = np.ravel(a).astype("float64"), np.ravel(b).astype("float64")
+    if a.shape != b.shape:
+        raise ValueError(f"maps of {a.size} and {b.size} values cannot be compared")
+    ra, rb = _ranks(a) - (a.size + 1) / 2.0, _ranks(b) - (b.size + 1) / 2.0
+    scale = np.sqrt((ra * ra).sum() * (rb * rb).sum())
+    return float((ra * rb).sum() / scale) if scale > 0 else 0.0
+
+
+def ssim(a: np.ndarray, b: np.ndarray, sigma: float = 1.5) -> float:
+    """Structural similarity (Wang et al. 2004) of two H×W maps, each scaled to [0, 1] by
+    its own minimum and maximum first (maps of different methods have no common unit):
+    a Gaussian window of ``sigma`` pixels, C1 = 0.01², C2 = 0.03², the mean over pixels."""
+    import cv2
+
+    def unit(x: np.ndarray) -> np.ndarray:
+        x = np.asarray(x, dtype="float64")
+        span = x.max() - x.min() if x.size else 0.0
+        return (x - x.min()) / span if span > 0 else np.zeros_like(x)
+
+    if np.shape(a) != np.shape(b) or np.ndim(a) != 2:
+        raise ValueError(f"ssim compares two H×W maps of one shape, not {np.shape(a)} and {np.shape(b)}")
+    x, y = unit(a), unit(b)
+    blur = lambda z: cv2.GaussianBlur(z, (0, 0), sigma, borderType=cv2.BORDER_REFLECT)  # noqa: E731
+    mx, my = blur(x), blur(y)
+    vx, vy, cov = blur(x * x) - mx * mx, blur(y * y) - my * my, blur(x * y) - mx * my
+    c1, c2 = 0.01**2, 0.03**2
+    index = ((2 * mx * my + c1) * (2 * cov + c2)) / ((mx * mx + my * my + c1) * (vx + vy + c2))
+    return float(index.mean())
 
 
 def top_option(default: int = 3) -> Option:

@@ -37,6 +37,26 @@ def display_width(picture: np.ndarray) -> int:
     return width * max(1, -(-MIN_DISPLAY_WIDTH // width))
 
 
+#: The report's line colours, by the names a metric's Curve may use.
+PALETTE = {"red": "#d62728", "blue": "#1f77b4", "green": "#2ca02c", "orange": "#ff7f0e", "purple": "#9467bd", "gray": "#7f7f7f"}
+
+
+def chart_lines(curves: list, width: int = 200, height: int = 64) -> list[dict]:
+    """SVG polylines of a measurement's curves, x evenly spaced from 0 to 1 across
+    ``width``, y on one scale spanning [0, 1] and every value (probabilities fill it)."""
+    values = [v for curve in curves for v in curve.values]
+    low, high = min(0.0, *values), max(1.0, *values)
+    lines = []
+    for index, curve in enumerate(curves):
+        last = len(curve.values) - 1
+        points = " ".join(
+            f"{i * width / last:.1f},{height - (v - low) / (high - low) * height:.1f}" for i, v in enumerate(curve.values)
+        )
+        color = PALETTE.get(curve.color) or list(PALETTE.values())[index % len(PALETTE)]
+        lines.append({"points": points, "color": color, "dashed": curve.dashed, "label": curve.label})
+    return lines
+
+
 @dataclass
 class Theme:
     """What plugins add to the page: CSS after vizkit's, template folders searched first."""
@@ -61,6 +81,7 @@ def _environment(theme: Theme) -> jinja2.Environment:
     )
     env.filters["png"] = png_data_uri
     env.filters["display_width"] = display_width
+    env.filters["chart_lines"] = chart_lines
     return env
 
 

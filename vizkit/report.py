@@ -54,6 +54,58 @@ class ArtifactRecord:
 
 
 @dataclass
+class MeasurementRecord:
+    """A metric's measurement of one technique's explanation of one image (``image_id``),
+    or of the technique as a whole (``image_id`` None)."""
+
+    metric: str
+    values: dict[str, float]
+    image_id: str | None = None
+    caption: str = ""
+    curves: list = field(default_factory=list)  # vizkit.Curve
+    picture: np.ndarray | None = None  # not in the JSON
+    warning: str | None = None
+
+    def to_json(self) -> dict:
+        return {
+            "metric": self.metric,
+            "image_id": self.image_id,
+            "values": self.values,
+            "caption": self.caption,
+            "curves": [
+                {"label": c.label, "values": list(c.values), "color": c.color, "dashed": c.dashed} for c in self.curves
+            ],
+            "warning": self.warning,
+        }
+
+
+@dataclass
+class MetricRecord:
+    """One metric of the run: what it is, its options, its notes and where it failed."""
+
+    name: str
+    plugin: str
+    description: str
+    params: dict[str, Any]
+    columns: list = field(default_factory=list)  # vizkit.Column
+    notes: list[str] = field(default_factory=list)
+    errors: list[dict] = field(default_factory=list)  # technique, error, traceback
+    duration_s: float | None = None
+
+    def to_json(self) -> dict:
+        return {
+            "name": self.name,
+            "plugin": self.plugin,
+            "description": self.description,
+            "params": self.params,
+            "columns": [{"key": c.key, "label": c.label, "better": c.better} for c in self.columns],
+            "notes": self.notes,
+            "errors": self.errors,
+            "duration_s": self.duration_s,
+        }
+
+
+@dataclass
 class TechniqueRecord:
     name: str
     plugin: str
@@ -67,6 +119,11 @@ class TechniqueRecord:
     duration_s: float | None = None
     notes: list[str] = field(default_factory=list)
     artifacts: list[ArtifactRecord] = field(default_factory=list)
+    evidence: list[MeasurementRecord] = field(default_factory=list)  # what the metrics found
+
+    def evidence_for(self, image_id: str | None) -> list[MeasurementRecord]:
+        """The measurements of this technique's map of ``image_id`` (None: of the technique)."""
+        return [m for m in self.evidence if m.image_id == image_id]
 
     @property
     def one_per_image(self) -> bool:
@@ -87,6 +144,7 @@ class TechniqueRecord:
             "params": self.params,
             "notes": self.notes,
             "artifacts": [a.to_json(arrays_saved) for a in self.artifacts],
+            "evidence": [m.to_json() for m in self.evidence],
         }
 
 
@@ -103,14 +161,53 @@ class Report:
     arrays_saved: bool = False
     sections: list[dict] = field(default_factory=list)  # title, html, data
     plugin_errors: list[str] = field(default_factory=list)  # report hooks that raised
+    metrics: list[MetricRecord] = field(default_factory=list)
 
-    def comparison(self) -> list[tuple[ImageRecord, list[tuple[str, ArtifactRecord]]]]:
+    def summary(self) -> list[dict]:
+        """The summary table's rows: for each technique the metrics measured, the mean of
+        each column over its images (or the metric's value for the whole technique), the
+        number of images and the warnings; sorted by the first column that has a better
+        direction (methods without that value last), then by name."""
+        rows = []
+        for technique in self.techniques:
+            if not technique.evidence:
+                continue
+            values: dict[str, dict[str, float]] = {}
+            for metric in self.metrics:
+                found = [m for m in technique.evidence if m.metric == metric.name]
+                whole = next((m.values for m in found if m.image_id is None), {})
+                for column in metric.columns:
+                    per_image = [m.values[column.key] for m in found if m.image_id is not None and column.key in m.values]
+                    if column.key in whole:
+                        values.setdefault(metric.name, {})[column.key] = whole[column.key]
+                    elif per_image:
+                        values.setdefault(metric.name, {})[column.key] = round(float(np.mean(per_image)), 6)
+            rows.append({
+                "technique": technique.name,
+                "images": len({m.image_id for m in technique.evidence if m.image_id is not None}),
+                "values": values,
+                "warnings": [m.warning for m in technique.evidence if m.warning and m.image_id is None],
+                "checked": any(m.image_id is None for m in technique.evidence),
+            })
+        ranked = next(((m.name, c) for m in self.metrics for c in m.columns if c.better), None)
+        if ranked is None:
+            return rows
+
+        def key(row: dict) -> tuple:
+            value = row["values"].get(ranked[0], {}).get(ranked[1].key)
+            if value is None:
+                return (1, 0.0, row["technique"])
+            return (0, value if ranked[1].better == "lower" else -value, row["technique"])
+
+        return sorted(rows, key=key)
+
+    def comparison(self) -> list[tuple[ImageRecord, list[tuple[TechniqueRecord, ArtifactRecord]]]]:
         """For each image, the heatmaps of the comparable techniques that explain it, in
         the order the techniques ran: the rows of the report's comparison view."""
         rows = []
         for image in self.images:
             found = [
-                (technique.name, artifact)
+                (technique, artifact)
                 for technique in self.techniques if technique.comparable
                 for artifact in technique.artifacts if artifact.image_id == image.id
             ]
@@ -125,6 +222,7 @@ class Report:
             any(i.status == "error" for i in self.images)
             or any(t.status in ("error", "partial") for t in self.techniques)
             or bool(self.plugin_errors)
+            or any(m.errors for m in self.metrics)
         )
 
     def to_json(self) -> dict:
@@ -135,6 +233,8 @@ class Report:
             "images": [image.to_json() for image in self.images],
             "skipped_files": self.skipped_files,
             "techniques": [t.to_json(self.arrays_saved) for t in self.techniques],
+            "metrics": [m.to_json() for m in self.metrics],
+            "summary": self.summary(),
             "sections": [
                 {"title": s["title"], "data": s["data"]} for s in self.sections
             ],

@@ -23,7 +23,8 @@ from vizkit import __version__, host, images as image_io, preprocess as preproce
 from vizkit.config import merge
 from vizkit.extension import ReportSection
 from vizkit.labels import LabelsError, read_labels
-from vizkit.report import ArtifactRecord, ImageRecord, Report, TechniqueRecord
+from vizkit.metric import Explanation
+from vizkit.report import ArtifactRecord, ImageRecord, MeasurementRecord, MetricRecord, Report, TechniqueRecord
 from vizkit.technique import Artifact, OptionError, RunContext, suggest
 from vizkit.tensorflow_setup import start_tensorflow
 
@@ -42,7 +43,9 @@ class RunOptions:
     """Everything a run needs besides the model and the images; the CLI fills it from flags."""
 
     techniques: list[str] = field(default_factory=list)
-    settings: dict[str, dict[str, object]] = field(default_factory=dict)  # -s: technique → key → value
+    #: Metrics to measure the explanations with (-m); None: the default ones, [] none.
+    metrics: list[str] | None = None
+    settings: dict[str, dict[str, object]] = field(default_factory=dict)  # -s: technique or metric → key → value
     # From a config file: like settings, but options of techniques not selected are allowed.
     config: dict[str, dict[str, object]] = field(default_factory=dict)
     plugins: list[str] = field(default_factory=list)  # -p: plugin files or modules
@@ -90,46 +93,61 @@ def check_outdir(outdir: Path | None) -> None:
         raise UsageError(f"-o {outdir}: {existing} is not writable")
 
 
-def plan(options: RunOptions, pm=None):
-    """Resolve techniques and their options before anything heavy loads; UsageError if bad."""
+@dataclass
+class Plan:
+    """What a run will do, resolved and checked before anything heavy loads."""
+
+    pm: host.PluginHost
+    techniques: list[host.RegisteredTechnique]
+    metrics: list[host.RegisteredMetric]
+    params: dict[str, dict[str, object]]  # technique or metric name → its options
+    preprocess: Callable | None
+
+
+def plan(options: RunOptions, pm=None) -> Plan:
+    """Resolve techniques, metrics and their options before anything heavy loads; UsageError if bad."""
     if "SOURCE_DATE_EPOCH" in os.environ and not os.environ["SOURCE_DATE_EPOCH"].strip().isdigit():
         raise UsageError(f"SOURCE_DATE_EPOCH must be seconds since 1970, not {os.environ['SOURCE_DATE_EPOCH']!r}")
     try:
         pm = pm or host.plugin_manager(options.plugins, options.disabled_plugins)
         available = host.techniques(pm)
+        measures = host.metrics(pm)
     except host.PluginError as error:
         raise UsageError(str(error)) from None
     try:
         selected = host.select(available, options.techniques)
+        chosen_metrics = host.select_metrics(measures, options.metrics)
     except KeyError as error:
         raise UsageError(str(error.args[0])) from None
-    chosen = {registered.technique.name for registered in selected}
+    if not any(r.technique.comparable for r in selected):
+        if options.metrics:
+            print("vizkit: no CAM or attribution technique is selected, so no metric runs "
+                  "(add one with -t, or -t explain for all)", file=sys.stderr)
+        chosen_metrics = []
+    owners = {**{n: r.technique for n, r in available.items()}, **{n: r.metric for n, r in measures.items()}}
+    chosen = [r.technique.name for r in selected] + [r.metric.name for r in chosen_metrics]
     for name in options.config:
-        if name not in available:
-            raise UsageError(f"config: no technique {name!r} is installed; installed: {suggest(name, list(available))}")
+        if name not in owners:
+            raise UsageError(f"config: no technique or metric {name!r} is installed; installed: {suggest(name, list(owners))}")
     for name in options.settings:
         if name not in chosen:
-            where = "installed" if name not in available else "selected"
+            where = "installed" if name not in owners else "selected"
             raise UsageError(
-                f"-s {name}.…: no technique {name!r} is {where}; "
-                f"{where}: {suggest(name, sorted(chosen if name in available else available))}"
+                f"-s {name}.…: no technique or metric {name!r} is {where}; "
+                f"{where}: {suggest(name, sorted(chosen if name in owners else owners))}"
             )
     try:
         for name, values in options.config.items():  # checked even where not selected: typos show
-            available[name].technique.resolve_params(values)
-        params = {
-            r.technique.name: r.technique.resolve_params(
-                merge(options.config, options.settings).get(r.technique.name, {})
-            )
-            for r in selected
-        }
+            owners[name].resolve_params(values)
+        merged = merge(options.config, options.settings)
+        params = {name: owners[name].resolve_params(merged.get(name, {})) for name in chosen}
     except OptionError as error:
         raise UsageError(str(error)) from None
     try:
         preprocess = preprocessing.resolve(options.preprocess) if options.preprocess else None
     except ValueError as error:
         raise UsageError(str(error)) from None
-    return pm, selected, params, preprocess
+    return Plan(pm, selected, chosen_metrics, params, preprocess)
 
 
 def top_predictions(scores: np.ndarray, labels: list[str] | None, k: int = TOP_PREDICTIONS) -> list[dict]:
@@ -192,7 +210,8 @@ def run(
     options = options or RunOptions()
     if pm is not None and (options.plugins or options.disabled_plugins):
         raise UsageError("give plugins either in RunOptions or as a plugin host (pm), not both")
-    pm, selected, params, preprocess = plan(options, pm)
+    planned = plan(options, pm)
+    pm, selected, params, preprocess = planned.pm, planned.techniques, planned.params, planned.preprocess
     check_outdir(outdir)
     try:
         labels = read_labels(options.labels) if options.labels else None
@@ -242,13 +261,14 @@ def run(
             f"{graph.num_classes} classes"
         )
     labels = labels or loaded.labels
+    owners = [r.technique for r in selected] + [r.metric for r in planned.metrics]
     contexts = {
-        r.technique.name: RunContext(graph, [], params[r.technique.name], preprocess, labels, reproducible=reproducible)
-        for r in selected
+        owner.name: RunContext(graph, [], params[owner.name], preprocess, labels, reproducible=reproducible)
+        for owner in owners
     }
     try:
-        for registered in selected:  # values this model cannot take: a usage error, before any work
-            registered.technique.check_params(contexts[registered.technique.name])
+        for owner in owners:  # values this model cannot take: a usage error, before any work
+            owner.check_params(contexts[owner.name])
     except OptionError as error:
         raise UsageError(str(error)) from None
 
@@ -260,11 +280,19 @@ def run(
     add_predictions(graph, [image for image in images if image.ok], preprocess, labels)
     good = [image for image in images if image.ok]
 
-    records = []
+    records, explanations = [], []
     for registered in selected:
         context = contexts[registered.technique.name]
         context.images = good
-        records.append(_run_technique(registered, context, progress))
+        record, artifacts = _run_technique(registered, context, progress)
+        records.append(record)
+        if registered.technique.comparable and artifacts:
+            explanations.append((record, Explanation(registered.technique, record.params, artifacts)))
+    metric_records = []
+    for registered in planned.metrics if explanations else []:
+        context = contexts[registered.metric.name]
+        context.images = good
+        metric_records.append(_run_metric(registered, context, explanations, progress))
     report = Report(
         vizkit_version=__version__,
         created=created.isoformat(),
@@ -285,6 +313,7 @@ def run(
         environment=environment(),
         plugins=host.describe_plugins(pm),
         arrays_saved=options.save_arrays,
+        metrics=metric_records,
     )
     outdir = outdir or default_outdir(loaded.name, created)
     progress(f"writing {outdir}")
@@ -365,7 +394,7 @@ def _image_record(image: image_io.LoadedImage) -> ImageRecord:
     )
 
 
-def _run_technique(registered, context: RunContext, progress) -> TechniqueRecord:
+def _run_technique(registered, context: RunContext, progress) -> tuple[TechniqueRecord, list[Artifact]]:
     """Run one technique; whatever it raises is recorded, never passed on."""
     technique = registered.technique
     record = TechniqueRecord(
@@ -373,7 +402,7 @@ def _run_technique(registered, context: RunContext, progress) -> TechniqueRecord
     )
     if not context.images:
         record.status, record.error = "skipped", "no image could be read"
-        return record
+        return record, []
     context.progress = lambda message: progress(f"{technique.name}: {message}")
     progress(f"{technique.name}: running")
     started = time.perf_counter()
@@ -397,6 +426,32 @@ def _run_technique(registered, context: RunContext, progress) -> TechniqueRecord
         record.duration_s = round(time.perf_counter() - started, 3)
     record.notes = context.notes
     record.artifacts = _artifact_records(technique.name, artifacts)
+    return record, artifacts
+
+
+def _run_metric(registered, context: RunContext, explanations: list, progress) -> MetricRecord:
+    """Measure each technique's explanations with one metric; its failures are recorded
+    (per technique), never passed on."""
+    metric = registered.metric
+    record = MetricRecord(metric.name, registered.plugin, metric.description, context.params, list(metric.columns))
+    started = time.perf_counter()
+    for measured, explanation in explanations:
+        context.progress = lambda message, name=measured.name: progress(f"{metric.name} of {name}: {message}")
+        progress(f"{metric.name} of {measured.name}: measuring")
+        try:
+            measurements = metric.measure(context, explanation)
+        except Exception as error:  # a metric's failure costs only its own numbers
+            message = f"{type(error).__name__}: {error}"
+            record.errors.append({"technique": measured.name, "error": message, "traceback": _traceback(error)})
+            print(f"vizkit: metric {metric.name} failed on {measured.name}: {message}", file=sys.stderr)
+            continue
+        measured.evidence += [
+            MeasurementRecord(metric.name, m.values, m.image_id, m.caption, list(m.curves), m.picture, m.warning)
+            for m in measurements
+        ]
+    if not context.reproducible:
+        record.duration_s = round(time.perf_counter() - started, 3)
+    record.notes = context.notes
     return record
 
 

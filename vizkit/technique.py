@@ -110,11 +110,12 @@ class Option:
         raise ValueError(raw)
 
 
-def _caller_outside_vizkit_core() -> str:
-    """``file:line`` of the code that built an object, skipping this module and dataclass
-    machinery, so an error points at the plugin's line."""
-    frame = sys._getframe(2)
-    while frame is not None and (frame.f_code.co_filename in (__file__, "<string>")):
+def caller_outside_vizkit_core(*also: str) -> str:
+    """``file:line`` of the code that built an object, skipping this module, the files
+    ``also`` names and dataclass machinery, so an error points at the plugin's line."""
+    skipped = (__file__, "<string>", *also)
+    frame = sys._getframe(1)
+    while frame is not None and frame.f_code.co_filename in skipped:
         frame = frame.f_back
     return f"{Path(frame.f_code.co_filename).name}:{frame.f_lineno}" if frame else "?"
 
@@ -134,24 +135,33 @@ class Artifact:
     image_id: str | None = None
     layer: str | None = None
     caption: str = ""
+    #: The class the map explains (an index), or None where it explains no class (Eigen-CAM
+    #: is class-agnostic): metrics score the image's top-1 class then.
+    target: int | None = None
 
     def __post_init__(self) -> None:
         problem = self._problem()
         if problem:
-            raise TypeError(f"artifact {self.title!r} (made at {_caller_outside_vizkit_core()}): {problem}")
+            raise TypeError(f"artifact {self.title!r} (made at {caller_outside_vizkit_core()}): {problem}")
 
     def _problem(self) -> str | None:
         if not isinstance(self.array, np.ndarray):
             return f"array is {type(self.array).__name__}, not a NumPy array"
-        picture = self.picture
-        if not (
-            isinstance(picture, np.ndarray) and picture.dtype == np.uint8
-            and (picture.ndim == 2 or (picture.ndim == 3 and picture.shape[-1] == 3))
-            and picture.size > 0
-        ):
-            described = f"{picture.dtype} {picture.shape}" if isinstance(picture, np.ndarray) else type(picture).__name__
-            return f"picture must be uint8 H×W or H×W×3, not {described}"
+        if self.target is not None and (isinstance(self.target, bool) or not isinstance(self.target, (int, np.integer))):
+            return f"target is {self.target!r}, not a class index"
+        return picture_problem(self.picture)
+
+
+def picture_problem(picture: Any) -> str | None:
+    """What is wrong with a picture for the report (uint8 H×W or H×W×3), or None."""
+    if (
+        isinstance(picture, np.ndarray) and picture.dtype == np.uint8
+        and (picture.ndim == 2 or (picture.ndim == 3 and picture.shape[-1] == 3))
+        and picture.size > 0
+    ):
         return None
+    described = f"{picture.dtype} {picture.shape}" if isinstance(picture, np.ndarray) else type(picture).__name__
+    return f"picture must be uint8 H×W or H×W×3, not {described}"
 
 
 @dataclass
@@ -187,8 +197,10 @@ class RunContext:
     reproducible: bool = False
 
     def note(self, message: str) -> None:
-        """Tell the reader something about this run (shown in the technique's section)."""
-        self.notes.append(message)
+        """Tell the reader something about this run (shown in the technique's section);
+        a message already noted is not repeated."""
+        if message not in self.notes:
+            self.notes.append(message)
 
     def groups(self, size: int) -> Iterator[list]:
         """Runs of up to ``size`` consecutive images of equal shape, in input order."""
@@ -252,17 +264,7 @@ class Technique:
 
     def resolve_params(self, raw: dict[str, Any]) -> dict[str, Any]:
         """Defaults overlaid with ``raw`` (strings from the CLI or typed values), validated."""
-        by_name = {option.name: option for option in self.options}
-        unknown = [key for key in raw if key not in by_name]
-        if unknown:
-            valid = suggest(unknown[0], list(by_name)) or "(none)"
-            raise OptionError(
-                f"{self.name} has no option {unknown[0]!r}; its options are: {valid}"
-            )
-        params = {option.name: option.default for option in self.options}
-        for key, value in raw.items():
-            params[key] = by_name[key].parse(self.name, value)
-        return params
+        return resolve_options(self.name, self.options, raw)
 
     @property
     def batch_size(self) -> int:
@@ -290,14 +292,33 @@ class Technique:
 
     def check_params(self, context: RunContext) -> None:
         """Run each option's ``check`` against the loaded model; OptionError names the option."""
-        for option in self.options:
-            value = context.params.get(option.name)
-            if option.check is None or value is None:
-                continue
-            try:
-                option.check(value, context)
-            except (ValueError, KeyError) as error:
-                message = error.args[0] if error.args else type(error).__name__
-                raise OptionError(f"{self.name}.{option.name}: {message}") from None
-            except Exception as error:  # a bug in the check itself: still no run without it
-                raise OptionError(f"{self.name}.{option.name}: the option's check failed: {type(error).__name__}: {error}") from None
+        check_options(self.name, self.options, context)
+
+
+def resolve_options(owner: str, options: Sequence[Option], raw: dict[str, Any]) -> dict[str, Any]:
+    """The options' defaults overlaid with ``raw``, each value parsed; OptionError if bad.
+    ``owner`` is the technique or metric they belong to (``-s OWNER.NAME=VALUE``)."""
+    by_name = {option.name: option for option in options}
+    unknown = [key for key in raw if key not in by_name]
+    if unknown:
+        valid = suggest(unknown[0], list(by_name)) or "(none)"
+        raise OptionError(f"{owner} has no option {unknown[0]!r}; its options are: {valid}")
+    params = {option.name: option.default for option in options}
+    for key, value in raw.items():
+        params[key] = by_name[key].parse(owner, value)
+    return params
+
+
+def check_options(owner: str, options: Sequence[Option], context: RunContext) -> None:
+    """Each option's ``check`` against the loaded model; OptionError names the option."""
+    for option in options:
+        value = context.params.get(option.name)
+        if option.check is None or value is None:
+            continue
+        try:
+            option.check(value, context)
+        except (ValueError, KeyError) as error:
+            message = error.args[0] if error.args else type(error).__name__
+            raise OptionError(f"{owner}.{option.name}: {message}") from None
+        except Exception as error:  # a bug in the check itself: still no run without it
+            raise OptionError(f"{owner}.{option.name}: the option's check failed: {type(error).__name__}: {error}") from None

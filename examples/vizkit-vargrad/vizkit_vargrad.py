@@ -104,6 +104,7 @@ def run_batch(context, batch) -> list[Artifact]:
             picture=kit.heatmap_picture(image.display, heatmap, p),
             image_id=image.id,
             caption=f"σ = {p['noise'] * float(np.ptp(image.array)):.1f} pixel levels, {p['samples']} samples",
+            target=int(cls),
         )
         for image, variance, heatmap, cls in zip(batch.images, variances, shown, classes)
     ]
