@@ -918,3 +918,89 @@ def test_the_pytest_kit_runs_a_plugin_end_to_end(pytester, monkeypatch):
     pytester.makepyfile(test_kit=KIT_TESTS)
     result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-p", "no:randomly", timeout=240)
     result.assert_outcomes(passed=3)
+
+
+# --------------------------------------------------------------------------- plugins that exit
+
+
+EXITS_ON_IMPORT = '''
+import sys
+sys.exit(5)
+'''
+
+EXITS_IN_HOOKS = '''
+import sys
+
+import numpy as np
+import vizkit
+from vizkit import Artifact, Technique
+
+
+class Quit(BaseException):
+    """Not an Exception at all."""
+
+
+def run(context):
+    sys.exit(0)
+
+
+def run_batch(context, batch):
+    raise Quit("a BaseException of the plugin's own")
+
+
+@vizkit.hookimpl
+def register_techniques(register):
+    register(Technique("quitter", run=run, description="Calls sys.exit(0)."))
+    register(Technique("baseexc", run_batch=run_batch, description="Raises a BaseException subclass."))
+
+
+@vizkit.hookimpl
+def report_sections(report):
+    raise SystemExit(3)
+'''
+
+
+def test_a_plugin_calling_sys_exit_on_import_is_broken_not_the_end(install, vizkit_cli, model_file, images, tmp_path):
+    install(EXITS_ON_IMPORT, plugin="exiter", dist="vizkit-exiter")
+    env = {"VIZKIT_LOAD_PLUGINS": "exiter"}
+    with pytest.warns(host.BrokenPluginWarning, match="SystemExit: 5"):
+        rows = plugin_rows(vizkit_cli("plugins", "--json", env=env))
+    assert rows["exiter"]["status"] == "broken"
+    with pytest.warns(host.BrokenPluginWarning):
+        result = vizkit_cli("run", model_file, images, *CHEAP_ACTIVATIONS, "-o", tmp_path / "out", env=env)
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "out" / "index.html").is_file()
+
+
+def test_sys_exit_and_base_exceptions_in_techniques_and_hooks_are_plugin_errors(plugin_file, vizkit_cli, model_file, images, tmp_path):
+    path = plugin_file("exits", EXITS_IN_HOOKS)
+    out = tmp_path / "out"
+    result = vizkit_cli("run", model_file, images, "-p", path, "-t", "quitter", "-t", "baseexc", *CHEAP_ACTIVATIONS,
+                        "-o", out, env={"VIZKIT_LOAD_PLUGINS": ""})
+    assert result.exit_code == 1, result.output  # the report is written; parts failed
+    report = report_json(out)
+    status = {t["name"]: (t["status"], t["error"]) for t in report["techniques"]}
+    assert status["quitter"] == ("error", "SystemExit: 0")
+    baseexc = next(t for t in report["techniques"] if t["name"] == "baseexc")
+    assert baseexc["status"] == "error" and len(baseexc["image_errors"]) == len(report["images"])
+    assert all("Quit: a BaseException of the plugin's own" in e["error"] for e in baseexc["image_errors"])
+    assert status["activations"][0] == "ok"
+    assert any("SystemExit: 3" in error for error in report["plugin_errors"])
+
+
+def test_plugin_css_cannot_close_the_style_element(plugin_file, vizkit_cli, model_file, images, tmp_path):
+    path = plugin_file("sneaky_css", '''
+import vizkit
+
+
+@vizkit.hookimpl
+def report_css():
+    return "body { color: red } </STYLE ><script>alert(1)</script><style>"
+''')
+    out = tmp_path / "out"
+    result = vizkit_cli("run", model_file, images, "-p", path, *CHEAP_ACTIVATIONS, "-o", out, env={"VIZKIT_LOAD_PLUGINS": ""})
+    assert result.exit_code == 0, result.output
+    html = (out / "index.html").read_text()
+    style = html[html.index("<style>") : html.index("</style>")]
+    assert "body { color: red }" in style and "alert(1)" in style  # still inside the stylesheet
+    assert "<script>" not in html.replace(style, "")

@@ -247,11 +247,7 @@ def techniques(name, plugins, disabled):
     except KeyError as error:
         raise click.UsageError(str(error.args[0])) from None
     for registered in selected:
-        technique = registered.technique
-        opt_in = "" if technique.by_default else " [with -t only]"
-        click.echo(f"{technique.name} ({registered.plugin}){opt_in}: {technique.description}")
-        if name:
-            _echo_options(technique.name, technique.options)
+        _describe(registered.technique, registered.plugin, "-t", bool(name))
 
 
 @main.command()
@@ -270,15 +266,14 @@ def metrics(name, plugins, disabled):
     except (KeyError, host.PluginError) as error:
         raise click.UsageError(str(error.args[0])) from None
     for registered in selected:
-        metric = registered.metric
-        opt_in = "" if metric.by_default else " [with -m only]"
-        click.echo(f"{metric.name} ({registered.plugin}){opt_in}: {metric.description}")
-        if name:
-            _echo_options(metric.name, metric.options)
+        _describe(registered.metric, registered.plugin, "-m", bool(name))
 
 
-def _echo_options(owner: str, options) -> None:
-    for option in options:
+def _describe(item, plugin: str, flag: str, with_options: bool) -> None:
+    """A technique's or metric's line, and its options under it if asked."""
+    opt_in = "" if item.by_default else f" [with {flag} only]"
+    click.echo(f"{item.name} ({plugin}){opt_in}: {item.description}")
+    for option in item.options if with_options else ():
         facts = [f"default: {option.default if option.default not in (None, []) else '(automatic)'}"]
         if option.choices is not None:
             facts.append("one of: " + ", ".join(map(str, option.choices)))
@@ -286,7 +281,7 @@ def _echo_options(owner: str, options) -> None:
             facts.append(f"at least {option.minimum:g}")
         if option.maximum is not None:
             facts.append(f"at most {option.maximum:g}")
-        click.echo(f"  -s {owner}.{option.name}=<{option.type.__name__}>  {option.help} [{'; '.join(facts)}]")
+        click.echo(f"  -s {item.name}.{option.name}=<{option.type.__name__}>  {option.help} [{'; '.join(facts)}]")
 
 
 @main.command()

@@ -128,7 +128,9 @@ class PluginHost(pluggy.PluginManager):
         while True:
             try:
                 results = self.subset_hook_caller(hook_name, remove_plugins=excluded)(**kwargs)
-            except Exception as error:  # someone else's plugin: report it, keep going
+            except KeyboardInterrupt:
+                raise
+            except BaseException as error:  # someone else's plugin: report it, keep going
                 name = self.plugin_at_fault(hook_name, error, excluded)
                 if name is None:
                     return self._call_one_by_one(hook_name, kwargs, excluded, errors)
@@ -148,7 +150,9 @@ class PluginHost(pluggy.PluginManager):
             name = self.get_name(plugin)
             try:
                 returned = self.subset_hook_caller(hook_name, remove_plugins=others)(**kwargs)
-            except Exception as error:
+            except KeyboardInterrupt:
+                raise
+            except BaseException as error:
                 errors.append(f"plugin {name}, hook {hook_name}: {_summary(error)}")
                 continue
             if not isinstance(returned, list):
@@ -252,7 +256,9 @@ def _load_entry_points(host: PluginHost, allowed: str | None, strict: bool) -> N
             host.add(entry.load(), entry.name, origin)
         except PluginError as error:
             host.mark_broken(entry.name, origin, str(error), strict)
-        except Exception as error:  # an import error of someone else's package
+        except KeyboardInterrupt:
+            raise
+        except BaseException as error:  # an import error of someone else's package
             host.mark_broken(entry.name, origin, _summary(error), strict)
 
 
@@ -266,7 +272,9 @@ def _load_local(spec: str, host: PluginHost) -> tuple[Any, str, Origin]:
         return importlib.import_module(spec), spec, Origin("module", spec, "local")
     except PluginError:
         raise
-    except Exception as error:
+    except KeyboardInterrupt:
+        raise
+    except BaseException as error:
         raise PluginError(f"-p {spec}: cannot load this plugin: {_summary(error)}") from error
 
 
@@ -353,11 +361,15 @@ def _collect(host: PluginHost, hook_name: str, cls: type, key, kind: str) -> dic
                     host.subset_hook_caller(hook_name, remove_plugins=others)(register=registrar(name))
                 except PluginError:
                     raise
-                except Exception as error:
+                except KeyboardInterrupt:
+                    raise
+                except BaseException as error:
                     raise PluginError(f"plugin {name}, hook {hook_name}: {_summary(error)}", name) from None
     except PluginError:
         raise
-    except Exception as error:
+    except KeyboardInterrupt:
+        raise
+    except BaseException as error:
         plugin = host.plugin_at_fault(hook_name, error)
         raise PluginError(f"plugin {plugin or '?'}, hook {hook_name}: {_summary(error)}", plugin) from None
     host._registries[hook_name] = found

@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import re
 import zipfile
 from dataclasses import dataclass, field
 from importlib import resources
@@ -85,10 +86,16 @@ def _environment(theme: Theme) -> jinja2.Environment:
     return env
 
 
+def inert_css(text: str) -> str:
+    """A plugin's CSS that cannot end the page's ``<style>`` element: ``</style`` (any
+    case) becomes ``<\\/style``, so ``</style><script>`` stays text inside the stylesheet."""
+    return re.sub(r"</(?=style)", r"<\\/", text, flags=re.IGNORECASE)
+
+
 def render_html(report: Report, theme: Theme | None = None) -> str:
     theme = theme or Theme()
     css = (resources.files("vizkit.templates") / "report.css").read_text(encoding="utf-8")
-    css = "\n".join([css, *theme.css])
+    css = "\n".join([css, *map(inert_css, theme.css)])
     return _environment(theme).get_template("report.html").render(report=report, css=css)
 
 

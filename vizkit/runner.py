@@ -334,7 +334,9 @@ def _write(report: Report, outdir: Path, theme: render.Theme) -> Path:
     try:
         try:
             return render.write(report, outdir, theme)
-        except Exception as error:  # a plugin's template or CSS: write the page without them
+        except KeyboardInterrupt:
+            raise
+        except BaseException as error:  # a plugin's template or CSS: write the page without them
             if theme == render.Theme():
                 raise
             report.plugin_errors.append(f"the report could not be rendered with the plugins' templates: {_traceback(error, 1)}")
@@ -414,7 +416,9 @@ def _run_technique(registered, context: RunContext, progress) -> tuple[Technique
             if technique.prepare is not None:
                 technique.prepare(context)
             artifacts = _run_batches(technique, context, record)
-    except Exception as error:  # a plugin's failure must not cost the rest of the report
+    except KeyboardInterrupt:
+        raise
+    except BaseException as error:  # a plugin's failure must not cost the rest of the report
         record.status = "error"
         record.error = f"{type(error).__name__}: {error}"
         record.traceback = _traceback(error)
@@ -440,7 +444,9 @@ def _run_metric(registered, context: RunContext, explanations: list, progress) -
         progress(f"{metric.name} of {measured.name}: measuring")
         try:
             measurements = metric.measure(context, explanation)
-        except Exception as error:  # a metric's failure costs only its own numbers
+        except KeyboardInterrupt:
+            raise
+        except BaseException as error:  # a metric's failure costs only its own numbers
             message = f"{type(error).__name__}: {error}"
             record.errors.append({"technique": measured.name, "error": message, "traceback": _traceback(error)})
             print(f"vizkit: metric {metric.name} failed on {measured.name}: {message}", file=sys.stderr)
@@ -463,14 +469,18 @@ def _run_batches(technique, context: RunContext, record: TechniqueRecord) -> lis
         try:
             artifacts += technique.checked(technique.run_batch(context, context.batch_of(group)))
             continue
-        except Exception as error:
+        except KeyboardInterrupt:
+            raise
+        except BaseException as error:
             if len(group) == 1:
                 _image_failed(technique, record, group[0], error)
                 continue
         for image in group:
             try:
                 artifacts += technique.checked(technique.run_batch(context, context.batch_of([image])))
-            except Exception as error:
+            except KeyboardInterrupt:
+                raise
+            except BaseException as error:
                 _image_failed(technique, record, image, error)
     return artifacts
 
