@@ -50,11 +50,12 @@ def load(name: str) -> LoadedModel:
     if not matches(name):
         raise ModelLoadError(f"the {SCHEME}: model loader has no model {name!r}; it has {MODEL_NAME}")
     from . import model as lite
+    from .pth import PthError
 
     try:
         keras_model = lite.cached_model()
-    except lite.WeightsError as error:
-        raise ModelLoadError(str(error)) from error
+    except (lite.WeightsError, PthError) as error:  # a damaged or tampered checkpoint
+        raise ModelLoadError(f"the {MODEL_NAME} weights cannot be read: {error}") from error
     reason = "what its weights were trained with (pixels scaled to [-1, 1])"
     source = f"{__name__} (weights: {lite.WEIGHTS_PIP})"
     return LoadedModel(keras_model, MODEL_NAME, source, None, PREPROCESS, reason, kit.imagenet_labels())
