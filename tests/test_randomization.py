@@ -171,6 +171,9 @@ def test_a_map_that_ignores_the_weights_is_flagged_and_gradcam_is_not(noise):
     rho, ssim = overall.curves
     assert (rho.color, ssim.color) == ("red", "blue") and rho.values[0] == 1.0 and len(rho.values) == 4
     assert rho.values[1:] == tuple(overall.values[f"spearman_step{s}"] for s in (1, 2, 3))
+    # the verdict's number is the last step's (all random); the cascade's mean is beside it
+    assert overall.values["spearman"] == overall.values["spearman_step3"]
+    assert overall.values["spearman_cascade"] == pytest.approx(np.mean(rho.values[1:]))
     height, width = images[0].display.shape[:2]
     assert overall.picture.dtype == np.uint8 and overall.picture.shape[0] == height
     assert overall.picture.shape[1] == 4 * width + 3 * 4  # the original, then each step
@@ -364,7 +367,7 @@ def test_the_metric_is_registered_with_its_columns():
 
     metric = host.metrics(host.plugin_manager((), ()))["randomization"].metric
     assert metric is randomization.METRIC
-    assert [(c.key, c.better) for c in metric.columns] == [("spearman", "lower"), ("ssim", "lower")]
+    assert [(c.key, c.better) for c in metric.columns] == [("spearman", "lower"), ("ssim", "lower"), ("spearman_cascade", "lower")]
     assert randomization.METRIC.resolve_params({}) == {"steps": 3, "images": 4, "seed": 0, "threshold": 0.5}
     with pytest.raises(vizkit.OptionError):
         randomization.METRIC.resolve_params({"steps": 0})

@@ -36,6 +36,7 @@ BUILTIN_PLUGINS = (
     "vizkit.plugins.perturbation",
     "vizkit.plugins.perturbation_cams",
     "vizkit.plugins.cam_family",
+    "vizkit.plugins.faithfulness",
     "vizkit.plugins.randomization",
     "vizkit.plugins.keras_models",
     "vizkit.plugins.efficientnet_lite",
