@@ -82,8 +82,10 @@ def load_file(spec: str) -> LoadedModel:
             f"Keras reads only lowercase {', '.join(MODEL_SUFFIXES)} names; rename {path.name} "
             f"to {path.stem}{path.suffix.lower()}"
         )
-    if not path.is_file():
+    if not path.exists():
         raise ModelLoadError(f"model file {path} does not exist")
+    if not path.is_file():  # a FIFO would block Keras forever, a device never end
+        raise ModelLoadError(f"model file {path} is not a regular file")
     try:
         model = keras.models.load_model(path, compile=False)
     except Exception as error:  # Keras raises many kinds here; all mean "cannot read it"
@@ -91,7 +93,8 @@ def load_file(spec: str) -> LoadedModel:
             f"cannot load model file {path}: {error}. vizkit reads .keras files and "
             "full-model .h5 files (architecture and weights, not weights only)"
         ) from error
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    with path.open("rb") as file:  # streamed: a model can be gigabytes
+        digest = hashlib.file_digest(file, "sha256").hexdigest()
     mode, reason = kit.guess_preprocess(model)
     return LoadedModel(model, model.name, str(path), digest, mode, reason)
 

@@ -370,8 +370,9 @@ def test_demo_labels_the_sample_photos_and_gradcam_sits_on_the_cat(tmp_path, mon
 
     # The demo's techniques and layers, with less work where its time goes.
     monkeypatch.setitem(demo.SETTINGS, "filters", {**demo.SETTINGS["filters"], "count": 2, "steps": 2})
-    monkeypatch.setitem(demo.SETTINGS, "integrated_gradients", {**demo.SETTINGS["integrated_gradients"], "steps": 4})
     monkeypatch.setitem(demo.SETTINGS, "occlusion", {"patch": 112, "stride": 112})
+    monkeypatch.setitem(demo.METRICS, "faithfulness", {"steps": 4})
+    monkeypatch.setitem(demo.METRICS, "randomization", {"images": 1, "steps": 1})
     outdir = tmp_path / "demo"
     result = invoke("demo", "-o", outdir, "-q")
     assert result.exit_code == 0, result.output
@@ -384,6 +385,12 @@ def test_demo_labels_the_sample_photos_and_gradcam_sits_on_the_cat(tmp_path, mon
     html = (outdir / "index.html").read_text(encoding="utf-8")
     assert_self_contained(html)
     assert html.count('class="comparison-row"') == 3
+    # the evidence: every comparable technique measured by both metrics, in the summary table
+    assert [m["name"] for m in data["metrics"]] == list(demo.METRICS) and not any(m["errors"] for m in data["metrics"])
+    comparable = {t["name"] for t in data["techniques"] if t["comparable"]}
+    assert {row["technique"] for row in data["summary"]} == comparable
+    assert all(set(row["values"]) == set(demo.METRICS) for row in data["summary"])
+    assert '<section id="evidence">' in html and html.count('<tr class="flagged">') == sum(bool(r["warnings"]) for r in data["summary"])
 
 
 def test_run_efficientnet_lite0_gradcam_on_the_cat(tmp_path):
@@ -392,7 +399,7 @@ def test_run_efficientnet_lite0_gradcam_on_the_cat(tmp_path):
 
     outdir = tmp_path / "out"
     chelsea = sample_photos()[0]
-    result = invoke("run", "efficientnet-lite0", chelsea, "-t", "gradcam", "-o", outdir, "--save-arrays")
+    result = invoke("run", "efficientnet-lite0", chelsea, "-t", "gradcam", "-o", outdir, "--save-arrays", "--no-metrics")
     assert result.exit_code == 0, result.output
     data = json.loads((outdir / "report.json").read_text(encoding="utf-8"))
     top = data["images"][0]["predictions"][0]

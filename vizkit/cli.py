@@ -14,7 +14,9 @@ import click
 from vizkit import __version__, host
 from vizkit.config import ConfigError, load_settings
 from vizkit.exitcodes import ExitCode
-from vizkit.runner import RunOptions, UsageError
+from vizkit.images import MAX_SIZE
+from vizkit.runner import MIN_SIZE, RunOptions, UsageError
+from vizkit.safe_read import display_path, printable
 from vizkit.tensorflow_setup import start_tensorflow
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -26,7 +28,10 @@ class VizkitGroup(click.Group):
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
-        except (click.ClickException, click.exceptions.Exit, click.Abort, SystemExit):
+        except click.ClickException as error:  # it may quote a user's path or value
+            error.message = printable(error.message, keep="\n")
+            raise
+        except (click.exceptions.Exit, click.Abort, SystemExit):
             raise
         except KeyboardInterrupt:
             click.echo("vizkit: interrupted; no report was written", err=True)
@@ -37,9 +42,10 @@ class VizkitGroup(click.Group):
         except Exception as error:
             where = _save_traceback(error)
             written = getattr(error, "vizkit_outdir", None)
-            outcome = f"the report in {written} may be incomplete" if written else "no report was written"
+            outcome = f"the report in {display_path(written)} may be incomplete" if written else "no report was written"
+            detail = printable(str(error), keep="\n")  # it may quote a user's path
             click.echo(
-                f"vizkit: internal error: {type(error).__name__}: {error}\n"
+                f"vizkit: internal error: {type(error).__name__}: {detail}\n"
                 f"vizkit: {outcome}; the traceback is in {where} (please include it in a bug report)",
                 err=True,
             )
@@ -116,7 +122,7 @@ def main():
 @click.option("--no-metrics", is_flag=True, help="Measure no explanation (faster).")
 @click.option("-s", "--set", "settings", multiple=True, metavar="NAME.KEY=VALUE", help="A technique's or metric's option (repeatable); see `vizkit techniques`, `vizkit metrics`.")
 @click.option("--weights", type=click.Choice(["imagenet", "none"]), default="imagenet", show_default=True, help="Weights of keras.applications models.")
-@click.option("--size", type=click.IntRange(min=8), help="Input size for models with a free (or unknown) input size.")
+@click.option("--size", type=click.IntRange(min=MIN_SIZE, max=MAX_SIZE), help=f"Input size for models with a free (or unknown) input size ({MIN_SIZE}-{MAX_SIZE}).")
 @click.option("--labels", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="Class names: a JSON list, or a text file with one per line.")
 @click.option("--save-arrays", is_flag=True, help="Also write arrays.npz with the raw numbers of every picture.")
 @click.option("--config", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="Technique options from a TOML file; default: [tool.vizkit] in ./pyproject.toml.")
@@ -157,14 +163,14 @@ def run(model, inputs, techniques, metrics, no_metrics, outdir, preprocess, sett
         report, index = run_report(model, list(inputs), options, outdir, progress=_progress(quiet), pm=pm)
     except UsageError as error:
         raise click.UsageError(str(error)) from None
-    click.echo(index)
+    click.echo(display_path(index))  # a name that is not UTF-8 cannot crash stdout
     sys.exit(ExitCode.FAILURES if report.failed else ExitCode.OK)
 
 
 @main.command()
 @click.argument("model")
 @click.option("--weights", type=click.Choice(["imagenet", "none"]), default="imagenet", show_default=True)
-@click.option("--size", type=click.IntRange(min=8), help="Input size to build a model that was never built.")
+@click.option("--size", type=click.IntRange(min=MIN_SIZE, max=MAX_SIZE), help=f"Input size to build a model that was never built ({MIN_SIZE}-{MAX_SIZE}).")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per layer.")
 @plugin_options
 def layers(model, weights, size, as_json, plugins, disabled):
@@ -294,7 +300,7 @@ def demo(outdir, quiet):
         report, index = run_demo(outdir, progress=_progress(quiet))
     except UsageError as error:
         raise click.UsageError(str(error)) from None
-    click.echo(index)
+    click.echo(display_path(index))  # a name that is not UTF-8 cannot crash stdout
     sys.exit(ExitCode.FAILURES if report.failed else ExitCode.OK)
 
 

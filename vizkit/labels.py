@@ -6,7 +6,11 @@ import json
 from importlib import resources
 from pathlib import Path
 
+from vizkit.safe_read import MIB, describe_os_error, display_path, read_regular
+
 IMAGENET_CLASSES = 1000
+#: Largest labels file read: 21k ImageNet names fit in under 1 MiB.
+MAX_LABELS_BYTES = 4 * MIB
 
 
 class LabelsError(ValueError):
@@ -23,17 +27,29 @@ def imagenet_labels() -> list[str]:
 
 
 def read_labels(path: Path) -> list[str]:
-    """Class names from a JSON list, or from a text file with one name per line."""
+    """Class names from a JSON list, or from a text file with one name per line.
+
+    Only a regular file of at most ``MAX_LABELS_BYTES`` is read (a FIFO would block,
+    ``/dev/zero`` never ends); every failure is a LabelsError naming the file.
+    """
     try:
-        text = path.read_text(encoding="utf-8")
+        text = read_regular(path, MAX_LABELS_BYTES).decode("utf-8")
         labels = json.loads(text) if path.suffix.lower() == ".json" else None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise LabelsError(f"--labels {path}: cannot read it ({error})") from None
+    except OSError as error:
+        raise LabelsError(f"--labels {display_path(path)}: cannot read it: {describe_os_error(error)}") from None
+    except (ValueError, RecursionError) as error:  # not UTF-8, not JSON, nested too deep
+        raise LabelsError(f"--labels {display_path(path)}: cannot read it ({_short(error)})") from None
     if labels is None:
         return [line.strip() for line in text.splitlines() if line.strip()]
     if not isinstance(labels, list):
-        raise LabelsError(f"--labels {path}: expected a JSON list of class names")
+        raise LabelsError(f"--labels {display_path(path)}: expected a JSON list of class names")
     return [str(label) for label in labels]
+
+
+def _short(error: Exception) -> str:
+    """An error's message, bounded: a decode error can quote much of the file."""
+    text = str(error) if not isinstance(error, RecursionError) else "nested too deeply"
+    return text if len(text) <= 200 else text[:200] + "…"
 
 
 def class_index(value: str | int, labels: list[str] | None, classes: int) -> int:

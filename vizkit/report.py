@@ -11,18 +11,20 @@ import numpy as np
 @dataclass
 class ImageRecord:
     id: str
-    path: str
+    path: str  # as text, undecodable bytes and control characters escaped
     sha256: str
     status: str  # ok | error
     error: str | None = None
     warnings: list[str] = field(default_factory=list)
     predictions: list[dict] = field(default_factory=list)
     picture: np.ndarray | None = None  # the input as shown; not in the JSON
+    path_bytes: str | None = None  # the exact name in hex, where ``path`` had to escape it
 
     def to_json(self) -> dict:
         return {
             "id": self.id,
             "path": self.path,
+            "path_bytes": self.path_bytes,
             "sha256": self.sha256,
             "status": self.status,
             "error": self.error,
@@ -155,7 +157,7 @@ class Report:
     model: dict[str, Any]  # name, source, sha256, input_shape, preprocess, ...
     images: list[ImageRecord]
     techniques: list[TechniqueRecord]
-    skipped_files: list[str] = field(default_factory=list)
+    skipped_files: list[dict] = field(default_factory=list)  # path, path_bytes, reason
     environment: dict[str, str] = field(default_factory=dict)
     plugins: list[dict] = field(default_factory=list)
     arrays_saved: bool = False

@@ -25,6 +25,7 @@ from vizkit.extension import ReportSection
 from vizkit.labels import LabelsError, read_labels
 from vizkit.metric import Explanation
 from vizkit.report import ArtifactRecord, ImageRecord, MeasurementRecord, MetricRecord, Report, TechniqueRecord
+from vizkit.safe_read import display_path, path_bytes, path_entry
 from vizkit.technique import Artifact, OptionError, RunContext, suggest
 from vizkit.tensorflow_setup import start_tensorflow
 
@@ -32,6 +33,8 @@ from vizkit.tensorflow_setup import start_tensorflow
 TOP_PREDICTIONS = 5
 #: Longest side of images fed to a model with a free input size, unless --size says otherwise.
 FREE_SIZE_MAX_SIDE = 512
+#: Smallest --size (the CLI's bound; the largest is ``images.MAX_SIZE``).
+MIN_SIZE = 8
 
 
 class UsageError(ValueError):
@@ -67,9 +70,28 @@ class RunOptions:
 
 
 def created_at(reproducible: bool) -> datetime:
+    """The report's time: from ``SOURCE_DATE_EPOCH`` (else 1970) when reproducible, so
+    equal inputs give equal bytes; else now, to the second."""
     if reproducible:
-        return datetime.fromtimestamp(int(os.environ.get("SOURCE_DATE_EPOCH", "0")), tz=timezone.utc)
+        return source_date() or datetime.fromtimestamp(0, tz=timezone.utc)
     return datetime.now(tz=timezone.utc).replace(microsecond=0)
+
+
+def source_date() -> datetime | None:
+    """The time ``SOURCE_DATE_EPOCH`` gives (None when unset); UsageError, before any
+    work, for a value that is not ASCII digits (``str.isdigit`` takes ``²``) or lies
+    beyond what a date can hold (year 9999)."""
+    value = os.environ.get("SOURCE_DATE_EPOCH")
+    if value is None:
+        return None
+    fix = "set it to whole seconds since 1970, e.g. SOURCE_DATE_EPOCH=$(git log -1 --format=%ct), or unset it"
+    text = value.strip()
+    if not (text.isascii() and text.isdigit()):
+        raise UsageError(f"SOURCE_DATE_EPOCH must be seconds since 1970 in digits 0-9, not {value!r}: {fix}")
+    try:
+        return datetime.fromtimestamp(int(text), tz=timezone.utc)
+    except (OverflowError, OSError, ValueError):
+        raise UsageError(f"SOURCE_DATE_EPOCH={text} is past the year 9999: {fix}") from None
 
 
 def default_outdir(model_name: str, created: datetime, base: Path = Path("reports")) -> Path:
@@ -88,9 +110,9 @@ def check_outdir(outdir: Path | None) -> None:
         return
     existing = next(p for p in [outdir, *outdir.absolute().parents] if p.exists())
     if not existing.is_dir():
-        raise UsageError(f"-o {outdir}: {existing} is a file, not a folder")
+        raise UsageError(f"-o {display_path(outdir)}: {display_path(existing)} is a file, not a folder")
     if not os.access(existing, os.W_OK):
-        raise UsageError(f"-o {outdir}: {existing} is not writable")
+        raise UsageError(f"-o {display_path(outdir)}: {display_path(existing)} is not writable")
 
 
 @dataclass
@@ -106,8 +128,9 @@ class Plan:
 
 def plan(options: RunOptions, pm=None) -> Plan:
     """Resolve techniques, metrics and their options before anything heavy loads; UsageError if bad."""
-    if "SOURCE_DATE_EPOCH" in os.environ and not os.environ["SOURCE_DATE_EPOCH"].strip().isdigit():
-        raise UsageError(f"SOURCE_DATE_EPOCH must be seconds since 1970, not {os.environ['SOURCE_DATE_EPOCH']!r}")
+    source_date()
+    if options.size is not None and not MIN_SIZE <= options.size <= image_io.MAX_SIZE:
+        raise UsageError(f"size {options.size} is outside {MIN_SIZE}-{image_io.MAX_SIZE}")
     try:
         pm = pm or host.plugin_manager(options.plugins, options.disabled_plugins)
         available = host.techniques(pm)
@@ -187,7 +210,7 @@ def add_predictions_one(graph, image, preprocess, labels) -> None:
         image.predictions = top_predictions(graph.class_scores(preprocess(image.array[None]))[0], labels)
     except Exception as error:  # TensorFlow raises many kinds for a bad input
         image.error = f"the model cannot take this image: {type(error).__name__}: {str(error).splitlines()[0]}"
-        print(f"vizkit: {image.path}: {image.error}", file=sys.stderr)
+        print(f"vizkit: {display_path(image.path)}: {image.error}", file=sys.stderr)
 
 
 def run(
@@ -217,11 +240,16 @@ def run(
         labels = read_labels(options.labels) if options.labels else None
     except LabelsError as error:
         raise UsageError(str(error)) from None
-    files, skipped = image_io.collect([Path(p) for p in inputs])
+    files, skipped = image_io.scan([Path(p) for p in inputs])
+    reasons = [f"{display_path(entry.path)}: {entry.reason}" for entry in skipped]
     if not files:
-        raise UsageError("no images found in the inputs given")
+        listed = "; ".join(reasons[:3]) + ("; …" if len(reasons) > 3 else "")
+        raise UsageError("no images found in the inputs given" + (f" (skipped {listed})" if skipped else ""))
+    for entry, reason in zip(skipped, reasons):
+        if entry.reason != image_io.NOT_AN_IMAGE:  # the unexpected ones by name, the rest counted
+            print(f"vizkit: skipped {reason}", file=sys.stderr)
     if skipped:
-        print(f"vizkit: skipped {len(skipped)} file(s) that are not images (listed in the report)", file=sys.stderr)
+        print(f"vizkit: skipped {len(skipped)} input(s) that are not images or cannot be read (listed in the report)", file=sys.stderr)
 
     # The model loads only now, after the arguments were checked.
     reproducible = options.is_reproducible
@@ -236,7 +264,7 @@ def run(
 
         tf.config.experimental.enable_op_determinism()
         keras.utils.set_random_seed(0)  # random weights (--weights none, factories) too
-    progress(f"loading model {getattr(model, 'name', model)}")
+    progress(f"loading model {display_path(str(getattr(model, 'name', model)))}")
     try:
         loaded = load_model(model, weights=options.weights, size=options.size, loaders=host.model_loaders(pm))
         graph = ModelGraph.of(loaded.model)
@@ -257,7 +285,7 @@ def run(
         )
     if labels and graph.is_classifier and len(labels) != graph.num_classes:
         raise UsageError(
-            f"--labels {options.labels} has {len(labels)} class names, but the model has "
+            f"--labels {display_path(options.labels)} has {len(labels)} class names, but the model has "
             f"{graph.num_classes} classes"
         )
     labels = labels or loaded.labels
@@ -276,7 +304,7 @@ def run(
     images = image_io.load_all(files, graph.channels, size, progress, max_side=FREE_SIZE_MAX_SIDE)
     for image in images:
         if image.error:
-            print(f"vizkit: {image.path}: {image.error}", file=sys.stderr)
+            print(f"vizkit: {display_path(image.path)}: {image.error}", file=sys.stderr)
     add_predictions(graph, [image for image in images if image.ok], preprocess, labels)
     good = [image for image in images if image.ok]
 
@@ -298,7 +326,7 @@ def run(
         created=created.isoformat(),
         model={
             "name": loaded.name,
-            "source": loaded.source,
+            "source": display_path(loaded.source),  # a model file's name can be any bytes
             "sha256": loaded.sha256,
             "input_shape": list(graph.input_shape),
             "output_shape": list(graph.output_shape),
@@ -309,14 +337,14 @@ def run(
         },
         images=[_image_record(image) for image in images],
         techniques=records,
-        skipped_files=[str(path) for path in skipped],
+        skipped_files=[path_entry(entry.path, entry.reason) for entry in skipped],
         environment=environment(),
         plugins=host.describe_plugins(pm),
         arrays_saved=options.save_arrays,
         metrics=metric_records,
     )
     outdir = outdir or default_outdir(loaded.name, created)
-    progress(f"writing {outdir}")
+    progress(f"writing {display_path(outdir)}")
     index = _write(report, outdir, _apply_report_hooks(pm, report))
     _, errors = pm.call("report_written", report=report, outdir=outdir, index=index)
     for error in errors:
@@ -386,7 +414,8 @@ def _traceback(error: BaseException, limit: int = 8) -> str:
 def _image_record(image: image_io.LoadedImage) -> ImageRecord:
     return ImageRecord(
         id=image.id,
-        path=str(image.path),
+        path=display_path(image.path),
+        path_bytes=path_bytes(image.path),
         sha256=image.sha256,
         status="ok" if image.ok else "error",
         error=image.error,
@@ -488,7 +517,7 @@ def _run_batches(technique, context: RunContext, record: TechniqueRecord) -> lis
 def _image_failed(technique, record: TechniqueRecord, image, error: Exception) -> None:
     message = f"{type(error).__name__}: {error}"
     record.image_errors.append({"image_id": image.id, "error": message, "traceback": _traceback(error)})
-    print(f"vizkit: technique {technique.name} failed on {image.path}: {message}", file=sys.stderr)
+    print(f"vizkit: technique {technique.name} failed on {display_path(image.path)}: {message}", file=sys.stderr)
 
 
 def _artifact_records(technique: str, artifacts) -> list[ArtifactRecord]:
