@@ -1,4 +1,4 @@
-"""Metrics on EfficientNet-Lite0: what the faithfulness metric costs beside the explanation it checks.
+"""Metrics on EfficientNet-Lite0: what the faithfulness and randomization metrics cost beside the explanation they check.
 
 Run by hand, never in CI (about a minute on 2 cores):
 
@@ -15,7 +15,10 @@ each after one warm-up call (tracing excluded), best of ``--repeat``:
   cleared first (what the first technique pays: the baseline's 2(k+1) more);
 * the forward passes alone: each image's 2(k+1) masked copies, built beforehand,
   through ``kit.class_scores``, ``per_pass`` rows at a time: the bound for the metric (the
-  rest is building the copies).
+  rest is building the copies);
+* the randomization metric (``--randomization-steps`` steps, all three photos), after its
+  warm-up (the model's copy made and the technique traced on it once per run): its bound
+  is ``steps`` reruns of the technique, so it is compared with ``steps`` × the technique.
 
 The four are timed in turns (one of each, then again), so that each ratio compares
 numbers from the same minutes: on a shared machine the load moves. Compare ratios from
@@ -65,6 +68,7 @@ def main() -> None:
     parser.add_argument("--substrate", default="blur")
     parser.add_argument("--per-pass", type=int, default=64)
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--randomization-steps", type=int, default=3)
     args = parser.parse_args()
 
     import tensorflow as tf
@@ -72,7 +76,7 @@ def main() -> None:
     from vizkit import Explanation, ModelGraph, RunContext, host, kit
     from vizkit import images as image_io
     from vizkit.models import load_model
-    from vizkit.plugins import faithfulness
+    from vizkit.plugins import faithfulness, randomization
     from vizkit.runner import add_predictions
 
     load_before = load_average()
@@ -89,6 +93,10 @@ def main() -> None:
     raw = {"steps": args.steps, "substrate": args.substrate, "per_pass": args.per_pass}
     metric_context = RunContext(graph, images, metric.resolve_params(raw), preprocess, loaded.labels)
     cache = kit.per_model(graph, faithfulness.BASELINE_CACHE, dict)
+    sanity = randomization.METRIC
+    sanity_context = RunContext(
+        graph, images, sanity.resolve_params({"steps": args.randomization_steps, "images": len(images)}), preprocess, loaded.labels
+    )
     rows = 2 * (args.steps + 1)
 
     # the forward passes alone: each image's 2(k+1) copies (its random baseline's, built
@@ -124,7 +132,7 @@ def main() -> None:
         print(f"{name} …", file=sys.stderr, flush=True)
         results[name] = in_turns(
             {"explain": lambda: technique.apply(context), "metric": measure, "metric + baseline": measure_cold,
-             "forward": forward},
+             "forward": forward, "randomization": lambda: sanity.measure(sanity_context, explanation)},
             args.repeat,
         )
         results[name]["auc"] = {key: float(np.mean([m.values[key] for m in measurements])) for key in measurements[0].values}
@@ -137,8 +145,9 @@ def main() -> None:
           f"best of {args.repeat} after one warm-up\n")
     print("| technique | technique ms/img | faithfulness ms/img (baselines cached) | × technique "
           f"| × {rows} forward passes | first technique of a run (+ baseline) ms/img | deletion AUC (random) "
-          "| insertion AUC (random) |")
-    print("|---|---|---|---|---|---|---|---|")
+          f"| insertion AUC (random) | randomization ms/img ({args.randomization_steps} steps) "
+          f"| × {args.randomization_steps} × technique |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for name, row in results.items():
         explain_ms, metric_ms = row["explain"]["best"] / count, row["metric"]["best"] / count
         forward_ms = row["forward"]["best"] / count
@@ -147,7 +156,9 @@ def main() -> None:
               f"| {metric_ms / forward_ms:.2f} ({ms(forward_ms)} ms) "
               f"| {ms(row['metric + baseline']['best'] / count)} "
               f"| {auc['deletion_auc']:.3f} ({auc['random_deletion_auc']:.3f}) "
-              f"| {auc['insertion_auc']:.3f} ({auc['random_insertion_auc']:.3f}) |")
+              f"| {auc['insertion_auc']:.3f} ({auc['random_insertion_auc']:.3f}) "
+              f"| {ms(row['randomization']['best'] / count)} "
+              f"| {row['randomization']['best'] / (args.randomization_steps * row['explain']['best']):.2f} |")
 
 
 if __name__ == "__main__":

@@ -485,7 +485,26 @@ def _shared_options(batch: int = 8) -> tuple[Option, ...]:
     )
 
 
-PER_PASS = Option("per_pass", int, 16, "gradient rows (copies of the batch's images) per compiled pass", minimum=1)
+def _check_per_pass(value: int, context) -> None:
+    """A compiled pass holds its rows' activations and gradients: at most what fits (a
+    batch has ``batch`` × copies rows, so more per pass changes nothing)."""
+    params, graph = context.params, context.model
+    rows = params["batch"] * (params.get("samples") or params.get("steps") or 1)
+    per_row = kit.activation_bytes(graph, gradients=True) + kit.image_bytes(graph)
+    kit.check_memory(value, lambda n: min(n, rows) * per_row, "for the rows' activations and gradients")
+
+
+def _check_copies(arrays: int) -> Callable:
+    """Each image's copies are made up front, ``arrays`` arrays of them: at most what fits."""
+
+    def check(value: int, context) -> None:
+        per_copy = arrays * kit.image_bytes(context.model)
+        kit.check_memory(value, lambda n: n * per_copy, "for each image's copies, made up front")
+
+    return check
+
+
+PER_PASS = Option("per_pass", int, 16, "gradient rows (copies of the batch's images) per compiled pass", minimum=1, check=_check_per_pass)
 SHOWN = "shown: the largest |attribution| over the channels, capped at its 99th percentile"
 
 
@@ -526,7 +545,7 @@ SMOOTHGRAD = Technique(
     comparable=True,
     by_default=False,
     options=(
-        Option("samples", int, 25, "noisy copies averaged per image", minimum=1),
+        Option("samples", int, 25, "noisy copies averaged per image", minimum=1, check=_check_copies(3)),
         Option("noise", float, 0.15, "noise σ as a fraction of the image's (max − min) pixel range", minimum=0),
         Option("seed", int, 0, "seed of each image's NumPy noise"),
         PER_PASS,
@@ -582,7 +601,7 @@ INTEGRATED_GRADIENTS = Technique(
     comparable=True,
     by_default=False,
     options=(
-        Option("steps", int, 64, "points of the Riemann sum along the path (one gradient each)", minimum=1, maximum=4096),
+        Option("steps", int, 64, "points of the Riemann sum along the path (one gradient each)", minimum=1, maximum=4096, check=_check_copies(2)),
         Option("baseline", str, "black", "black: zeros; mean: each channel's mean; blurred: a Gaussian blur of the image", choices=BASELINES),
         Option("blur", float, 0.05, "σ of the blurred baseline, as a fraction of the image's longer side", minimum=0.001, maximum=0.25),
         PER_PASS,

@@ -243,6 +243,14 @@ def _describe_substrate(params: dict) -> str:
     return f"the image blurred with RISE's Gaussian kernel ({sigma})"
 
 
+def _check_per_pass(value: int, context: RunContext) -> None:
+    """A forward pass holds its copies (and their preprocessed inputs) and their
+    activations: at most what fits (a curve pair has 2(steps + 1) copies)."""
+    graph, rows = context.model, 2 * (context.params["steps"] + 1)
+    per_copy = kit.activation_bytes(graph) + 2 * kit.image_bytes(graph)
+    kit.check_memory(value, lambda n: min(n, rows) * per_copy, "for the copies and their activations")
+
+
 def evaluate(context: RunContext, explanation: Explanation) -> list[Measurement]:
     """Deletion and insertion curves of each of the technique's heatmaps, beside the
     image's random baseline (from the cache when another technique already needed it)."""
@@ -326,7 +334,7 @@ METRIC = Metric(
         Option("sigma", float, None, "blur σ in input pixels; default: RISE's 5 px at 224, scaled to the shorter side", minimum=0.1),
         Option("seed", int, 0, "seed of the random baseline's map (with each image's sha256)", minimum=0),
         Option("grid", int, 7, "the random baseline's map: grid×grid random values upsampled (a CAM's coarseness)", minimum=1, maximum=512),
-        Option("per_pass", int, 64, "masked copies per forward pass", minimum=1),
+        Option("per_pass", int, 64, "masked copies per forward pass", minimum=1, check=_check_per_pass),
     ),
 )
 

@@ -149,8 +149,36 @@ def _summary(error: BaseException) -> str:
     return f"{type(error).__name__}: {error}{where}"
 
 
+def _not_a_model(value: object) -> str:
+    """What a factory returned instead of a keras.Model, and the fix where there is one:
+    ``None``, ``a tuple of 2 (Functional, dict): return the model itself``, ``a Dense
+    layer: build a model around it``, ``a tf_keras.src.engine.functional.Functional: a
+    Keras 2 model``."""
+    import keras
+
+    kind = type(value)
+    module = kind.__module__ or ""
+    if value is None:
+        return "None, not a keras.Model"
+    if isinstance(value, (tuple, list)):
+        items = ", ".join(type(item).__name__ for item in value[:4]) + (", …" if len(value) > 4 else "")
+        return f"a {kind.__name__} of {len(value)} ({items}), not a keras.Model: return the model itself"
+    if module.startswith(("tf_keras", "tensorflow.python.keras")):
+        return f"a {module}.{kind.__qualname__}, a Keras 2 (tf_keras) object; vizkit needs a Keras 3 keras.Model"
+    if isinstance(value, keras.layers.Layer):
+        return f"a {kind.__name__} layer, not a keras.Model: build a model around it, keras.Model(inputs, outputs), and return that"
+    name = kind.__name__ if module == "builtins" else f"{module}.{kind.__qualname__}"
+    return f"a {name}, not a keras.Model"
+
+
 def load_factory(spec: str) -> LoadedModel:
-    """Import ``package.module:function`` and call it; whatever goes wrong is a ModelLoadError."""
+    """Import ``package.module:function`` and call it; whatever goes wrong is a ModelLoadError.
+
+    The factory is the user's code: an exception it raises (``SystemExit`` included, only
+    Ctrl-C passes), in the module's import or in the call, is a ModelLoadError naming the
+    factory and the exception, and so is a result that is not a ``keras.Model``
+    (``vizkit run`` and ``vizkit layers``: a usage error, exit status 2).
+    """
     import keras
 
     try:
@@ -164,14 +192,19 @@ def load_factory(spec: str) -> LoadedModel:
                 "(load it with -p, or install it)"
             ) from error
         raise ModelLoadError(str(error)) from error
-    except Exception as error:  # the module raised while being imported
+    except KeyboardInterrupt:
+        raise
+    except BaseException as error:  # the module raised (or exited) while being imported
         raise ModelLoadError(f"cannot import model factory {spec}: {_summary(error)}") from error
     try:
         model = factory()
-    except Exception as error:  # the user's own code failed: say so, without a traceback
-        raise ModelLoadError(f"model factory {spec} raised {_summary(error)}") from error
+    except KeyboardInterrupt:
+        raise
+    except BaseException as error:  # the user's own code failed: say so, without a traceback
+        exited = " instead of returning a model" if isinstance(error, SystemExit) else ""
+        raise ModelLoadError(f"the model factory {spec} raised {_summary(error)}{exited}") from error
     if not isinstance(model, keras.Model):
-        raise ModelLoadError(f"model factory {spec} returned {type(model).__name__}, not a keras.Model")
+        raise ModelLoadError(f"the model factory {spec} returned {_not_a_model(model)}")
     mode, reason = kit.guess_preprocess(model)
     return LoadedModel(model, model.name, spec, None, mode, reason)
 

@@ -217,6 +217,48 @@ def _check_grid(value: int, context: RunContext) -> None:
     size = context.model.fixed_size
     if size and value > min(size):
         raise ValueError(f"a {value}×{value} grid is finer than the input {size[0]}×{size[1]}")
+    masks = context.params["masks"]
+    kit.check_memory(value, lambda grid: masks * _grid_bytes(grid), f"for {masks} random grids, drawn up front", "fewer masks")
+
+
+#: RISE's default number of masks and grid side.
+MASKS, GRID = 500, 8
+
+
+def _grid_bytes(grid: int) -> int:
+    """The memory of one RISE mask's draws (rise_masks): its grid as float64, bool and float32, its shift."""
+    return grid * grid * 13 + 16
+
+
+def _check_masks(value: int, context: RunContext) -> None:
+    grid = context.params["grid"]
+    if value / MASKS < _grid_bytes(grid) / _grid_bytes(GRID) or _grid_bytes(grid) > kit.memory_budget():
+        return  # the grid grew more than the masks over their defaults: its check says what fits
+    kit.check_memory(value, lambda masks: masks * _grid_bytes(grid), f"for {grid}×{grid} random grids, drawn up front", "a coarser grid")
+
+
+def _copies(context: RunContext) -> int | None:
+    """Perturbed copies of each image: RISE's masks, occlusion's patch positions (known
+    where the model's input size is); None where unknown."""
+    params, size = context.params, context.model.fixed_size
+    if "masks" in params:
+        return params["masks"]
+    if not size:
+        return None
+    try:
+        patch, stride = _occlusion_geometry(*size, params["patch"], params["stride"])
+    except ValueError:
+        return None  # the patch and stride checks say why
+    return len(patch_starts(size[0], patch, stride)) * len(patch_starts(size[1], patch, stride))
+
+
+def _check_per_pass(value: int, context: RunContext) -> None:
+    """A forward pass holds its copies (the mask, the copy, its preprocessed input) and
+    their activations: at most what fits (more than an image has copies changes nothing)."""
+    graph, copies = context.model, _copies(context)
+    image = kit.image_bytes(graph)
+    per_copy = kit.activation_bytes(graph) + 2 * image + image // graph.channels
+    kit.check_memory(value, lambda n: min(n, copies or n) * per_copy, "for the copies and their activations")
 
 
 def _score(context: RunContext) -> str:
@@ -283,7 +325,7 @@ def _shared_options(per_pass_help: str) -> tuple[Option, ...]:
     return (
         kit.class_option(),
         kit.score_option("probability", "class score compared: probability (the papers) or logit"),
-        Option("per_pass", int, 64, per_pass_help, minimum=1),
+        Option("per_pass", int, 64, per_pass_help, minimum=1, check=_check_per_pass),
         kit.top_option(),
         *kit.overlay_options(0.4),
         kit.batch_option(8),
@@ -319,8 +361,8 @@ RISE = Technique(
     comparable=True,
     by_default=False,
     options=(
-        Option("masks", int, 500, "number of random masks N", minimum=1),
-        Option("grid", int, 8, "masks are drawn on an s×s grid, then upsampled", minimum=1, check=_check_grid),
+        Option("masks", int, MASKS, "number of random masks N (at most what fits in memory)", minimum=1, check=_check_masks),
+        Option("grid", int, GRID, "masks are drawn on an s×s grid, then upsampled", minimum=1, maximum=4096, check=_check_grid),
         Option("p", float, 0.5, "probability that a grid cell is kept", minimum=0.01, maximum=1),
         Option("seed", int, 0, "seed of the masks (the same for every image)", minimum=0),
         *_shared_options("masked copies per forward pass"),

@@ -221,6 +221,20 @@ def _layer(context, name: str) -> tuple[str, str | None]:
     return kit.last_feature_map_layer(context.model)
 
 
+def _check_per_pass(value: int, context) -> None:
+    """A forward pass holds its copies (the masked input, or the ablated layer output) and
+    their activations: at most what fits (more rows than a batch has changes nothing)."""
+    graph, params = context.model, context.params
+    try:
+        depth = graph.info(_layer(context, "a per-pass option")[0]).shape[-1]
+    except (ValueError, KeyError):
+        return  # no layer to explain: the technique says so when it runs
+    channels = params.get("channels") or depth
+    rows = params["batch"] * min(channels, depth)
+    per_row = kit.activation_bytes(graph) + 2 * kit.image_bytes(graph)
+    kit.check_memory(value, lambda n: min(n, rows) * per_row, "for the copies and their activations")
+
+
 def _prepare(context, name: str, title: str) -> None:
     kit.require_classifier(context.model, title)
     path, why = _layer(context, name)
@@ -289,7 +303,7 @@ SCORECAM = Technique(
     options=(
         *_common_options("scorecam"),
         Option("channels", int, 0, "channels scored per image, those with the highest mean activation; 0: all", minimum=0),
-        Option("masks_per_pass", int, 64, "masked copies per forward pass", minimum=1),
+        Option("masks_per_pass", int, 64, "masked copies per forward pass", minimum=1, check=_check_per_pass),
         kit.batch_option(4),
     ),
 )
@@ -307,7 +321,7 @@ ABLATIONCAM = Technique(
     by_default=False,
     options=(
         *_common_options("ablationcam"),
-        Option("channels_per_pass", int, 64, "ablated copies per forward pass", minimum=1),
+        Option("channels_per_pass", int, 64, "ablated copies per forward pass", minimum=1, check=_check_per_pass),
         kit.batch_option(8),
     ),
 )

@@ -58,10 +58,11 @@ def test_exit_codes_are_documented_in_the_help():
 
     from vizkit.cli import main
 
-    assert [int(code) for code in ExitCode] == [0, 1, 2, 3, 130]
+    assert [int(code) for code in ExitCode] == [0, 1, 2, 3, 4, 130]
     for args in (["--help"], ["run", "--help"]):
         text = " ".join(CliRunner().invoke(main, args).output.split())
-        for meaning in ("0 all fine", "1 the report was written", "2 bad arguments", "3 internal error", "130 interrupted"):
+        for meaning in ("0 all fine", "1 the report was written", "2 bad arguments", "3 internal error",
+                        "4 the report could not be written", "130 interrupted"):
             assert meaning in text, (args, meaning)
 
 
@@ -77,7 +78,7 @@ def test_an_internal_error_exits_3_and_saves_the_traceback(vizkit_cli, vizkit_mo
                         "-s", "activations.layers=conv1", env={"VIZKIT_LOAD_PLUGINS": ""})
     assert result.exit_code == ExitCode.INTERNAL_ERROR
     assert "internal error: RuntimeError: renderer bug" in result.output
-    assert f"the report in {out} may be incomplete" in result.output
+    assert f"nothing was written to {out}" in result.output
     saved = Path(result.output.split("the traceback is in ")[1].split(" ")[0])
     assert "renderer bug" in saved.read_text() and "broken_write" in saved.read_text()
     saved.unlink()

@@ -362,11 +362,13 @@ def test_dense_without_activation_outputs_logits():
     np.testing.assert_allclose(graph.class_scores(x, "probability"), softmax(out), atol=1e-6)
     np.testing.assert_allclose(graph.predict(x), out, atol=1e-6)  # predict stays the raw output
 
-    binary, _ = classifier("linear", "nested", classes=1)
-    graph = ModelGraph.of(binary)
-    z = numpy(binary(x))[:, 0]
-    np.testing.assert_allclose(graph.class_scores(x, "logit"), np.stack([-z, z], axis=1), atol=1e-6)
-    np.testing.assert_allclose(graph.class_scores(x), np.stack([1 - sigmoid(z), sigmoid(z)], axis=1), atol=1e-6)
+    # one linear unit is a regression (issue 13), not a binary classifier's logit: no class scores
+    single, _ = classifier("linear", "nested", classes=1)
+    graph = ModelGraph.of(single)
+    assert graph.is_regression and not graph.is_classifier and not graph.has_logits
+    assert graph.output_kind.startswith("regression (one linear unit)")
+    with pytest.raises(ValueError, match="is a regression"):
+        graph.class_scores(x, "logit")
 
 
 def test_unknown_ending_has_no_logits_and_keeps_its_output_as_scores():

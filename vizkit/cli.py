@@ -15,6 +15,7 @@ from vizkit import __version__, host
 from vizkit.config import ConfigError, load_settings
 from vizkit.exitcodes import ExitCode
 from vizkit.images import MAX_SIZE
+from vizkit.report_folder import ReportNotWritten
 from vizkit.runner import MIN_SIZE, RunOptions, UsageError
 from vizkit.safe_read import display_path, printable
 from vizkit.tensorflow_setup import start_tensorflow
@@ -33,16 +34,21 @@ class VizkitGroup(click.Group):
             raise
         except (click.exceptions.Exit, click.Abort, SystemExit):
             raise
-        except KeyboardInterrupt:
-            click.echo("vizkit: interrupted; no report was written", err=True)
+        except KeyboardInterrupt as interrupt:
+            written = getattr(interrupt, "vizkit_written", None)  # Ctrl-C just after the report was in place
+            outcome = f"the report in {display_path(written)} was written" if written else "no report was written"
+            click.echo(f"vizkit: interrupted; {outcome}", err=True)
             ctx.exit(ExitCode.INTERRUPTED)
+        except ReportNotWritten as error:  # a full disk: its message is one line and names the folder
+            click.echo(f"vizkit: {printable(str(error))}", err=True)
+            ctx.exit(ExitCode.WRITE_ERROR)
         except BrokenPipeError:  # `vizkit techniques | head`: the reader has what it wanted
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
             ctx.exit(ExitCode.OK)
         except Exception as error:
             where = _save_traceback(error)
             written = getattr(error, "vizkit_outdir", None)
-            outcome = f"the report in {display_path(written)} may be incomplete" if written else "no report was written"
+            outcome = f"nothing was written to {display_path(written)}" if written else "no report was written"
             detail = printable(str(error), keep="\n")  # it may quote a user's path
             click.echo(
                 f"vizkit: internal error: {type(error).__name__}: {detail}\n"
@@ -98,9 +104,15 @@ def _host(plugins, disabled) -> host.PluginHost:
         raise click.UsageError(str(error)) from None
 
 
+OUTPUT_HELP = "The output to explain, for a model with several: its name (as `vizkit layers` lists them) or index."
+
 EXIT_STATUS = """Exit status: 0 all fine; 1 the report was written, but an image, a technique
-or a report hook failed; 2 bad arguments (nothing written); 3 internal error; 130
-interrupted (Ctrl-C)."""
+or a report hook failed; 2 bad arguments (nothing written); 3 internal error; 4 the
+report could not be written (disk full; the folder is as it was); 130 interrupted
+(Ctrl-C)."""
+
+OVERWRITE_HELP = ("Write into -o even if it holds files vizkit did not write: its index.html, report.json "
+                  "and arrays.npz are replaced, its other files kept. Not needed to replace a vizkit report.")
 
 
 @click.group(cls=VizkitGroup, epilog=EXIT_STATUS)
@@ -117,6 +129,7 @@ def main():
 @click.argument("inputs", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
 @click.option("-t", "--technique", "techniques", multiple=True, help="Technique to run (repeatable); default: all.")
 @click.option("-o", "--outdir", type=click.Path(file_okay=False, path_type=Path), help="Report folder; default: a new one under reports/.")
+@click.option("--overwrite", is_flag=True, help=OVERWRITE_HELP)
 @click.option("--preprocess", help="caffe, tf, torch, unit, none or package.module:function; default: the model's.")
 @click.option("-m", "--metric", "metrics", multiple=True, help="Metric to measure the explanations with (repeatable); default: all, when a CAM or attribution technique runs. See `vizkit metrics`.")
 @click.option("--no-metrics", is_flag=True, help="Measure no explanation (faster).")
@@ -124,11 +137,12 @@ def main():
 @click.option("--weights", type=click.Choice(["imagenet", "none"]), default="imagenet", show_default=True, help="Weights of keras.applications models.")
 @click.option("--size", type=click.IntRange(min=MIN_SIZE, max=MAX_SIZE), help=f"Input size for models with a free (or unknown) input size ({MIN_SIZE}-{MAX_SIZE}).")
 @click.option("--labels", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="Class names: a JSON list, or a text file with one per line.")
+@click.option("--output", "output", metavar="NAME", help=OUTPUT_HELP)
 @click.option("--save-arrays", is_flag=True, help="Also write arrays.npz with the raw numbers of every picture.")
 @click.option("--config", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="Technique options from a TOML file; default: [tool.vizkit] in ./pyproject.toml.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress messages.")
 @plugin_options
-def run(model, inputs, techniques, metrics, no_metrics, outdir, preprocess, settings, weights, size, labels, save_arrays, config, quiet, plugins, disabled):
+def run(model, inputs, techniques, metrics, no_metrics, outdir, preprocess, settings, weights, size, labels, output, save_arrays, config, quiet, plugins, disabled, overwrite):
     """Apply techniques to MODEL for the images INPUTS (files or folders) and write a report.
 
     MODEL is a .keras or .h5 file, a keras.applications name (vgg16, resnet50,
@@ -137,6 +151,7 @@ def run(model, inputs, techniques, metrics, no_metrics, outdir, preprocess, sett
     \b
     Exit status: 0 all fine; 1 the report was written, but an image, a technique
     or a report hook failed; 2 bad arguments (nothing written); 3 internal error;
+    4 the report could not be written (disk full; the folder is as it was);
     130 interrupted (Ctrl-C).
     """
     from vizkit.runner import run as run_report
@@ -158,6 +173,8 @@ def run(model, inputs, techniques, metrics, no_metrics, outdir, preprocess, sett
         size=size,
         labels=labels,
         save_arrays=save_arrays,
+        overwrite=overwrite,
+        output=output,
     )
     try:
         report, index = run_report(model, list(inputs), options, outdir, progress=_progress(quiet), pm=pm)
@@ -172,9 +189,14 @@ def run(model, inputs, techniques, metrics, no_metrics, outdir, preprocess, sett
 @click.option("--weights", type=click.Choice(["imagenet", "none"]), default="imagenet", show_default=True)
 @click.option("--size", type=click.IntRange(min=MIN_SIZE, max=MAX_SIZE), help=f"Input size to build a model that was never built ({MIN_SIZE}-{MAX_SIZE}).")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per layer.")
+@click.option("--output", "output", metavar="NAME", help="Only the layers this output uses, for a model with several: its name or index.")
 @plugin_options
-def layers(model, weights, size, as_json, plugins, disabled):
-    """List every layer of MODEL (nested ones by path), with what each technique can use."""
+def layers(model, weights, size, as_json, output, plugins, disabled):
+    """List every layer of MODEL (nested ones by path), with what each technique can use.
+
+    A model with several outputs lists them first (on stderr); the techniques column is
+    for the first, or for --output.
+    """
     pm = _host(plugins, disabled)
     start_tensorflow()
     from vizkit.graph import ModelGraph
@@ -182,6 +204,12 @@ def layers(model, weights, size, as_json, plugins, disabled):
 
     try:
         graph = ModelGraph.of(load_model(model, weights=weights, size=size, loaders=host.model_loaders(pm)).model)
+        if output is not None:
+            graph = graph.select_output(output)
+        elif len(graph.output_names) > 1:
+            names = ", ".join(f"{i}: {name}" for i, name in enumerate(graph.output_names))
+            click.echo(printable(f"vizkit: {graph.name} has {len(graph.output_names)} outputs ({names}); "
+                                 f"the techniques column is for {graph.output_name}: pick one with --output"), err=True)
     except (ModelLoadError, ValueError) as error:
         raise click.UsageError(str(error)) from None
     checks = {name: r.technique.accepts for name, r in host.techniques(pm).items() if r.technique.accepts}
@@ -292,12 +320,13 @@ def _describe(item, plugin: str, flag: str, with_options: bool) -> None:
 
 @main.command()
 @click.option("-o", "--outdir", type=click.Path(file_okay=False, path_type=Path), help="Report folder; default: a new one under reports/.")
+@click.option("--overwrite", is_flag=True, help=OVERWRITE_HELP)
 @click.option("-q", "--quiet", is_flag=True)
-def demo(outdir, quiet):
+def demo(outdir, overwrite, quiet):
     """Write a report on vizkit's own demo model and sample images (works offline)."""
     from vizkit.demo import run_demo
     try:
-        report, index = run_demo(outdir, progress=_progress(quiet))
+        report, index = run_demo(outdir, progress=_progress(quiet), overwrite=overwrite)
     except UsageError as error:
         raise click.UsageError(str(error)) from None
     click.echo(display_path(index))  # a name that is not UTF-8 cannot crash stdout

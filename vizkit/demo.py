@@ -36,9 +36,10 @@ METRICS: dict[str, dict[str, object]] = {
 }
 
 
-def run_demo(outdir: Path | None = None, progress: Callable[[str], None] = lambda message: None):
+def run_demo(outdir: Path | None = None, progress: Callable[[str], None] = lambda message: None, overwrite: bool = False):
     """Write the demo report; returns (report, path of index.html) like ``vizkit.runner.run``."""
     from vizkit.runner import RunOptions, run
 
-    options = RunOptions(techniques=list(SETTINGS), metrics=list(METRICS), settings={**SETTINGS, **METRICS})  # the built-ins only
+    options = RunOptions(techniques=list(SETTINGS), metrics=list(METRICS), settings={**SETTINGS, **METRICS},  # the built-ins only
+                         overwrite=overwrite)
     return run(MODEL, sample_photos(), options, outdir, progress=progress)

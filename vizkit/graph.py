@@ -23,6 +23,13 @@ Class scores come as probabilities or as logits (``SCORES``): where the model en
 softmax or a sigmoid (a ``Dense`` with that activation, a ``Softmax`` layer, an
 ``Activation`` layer, or ``keras.ops.softmax``/``sigmoid``, in a nested model or not),
 the logits are the values before it, computed with the same weights.
+
+A model with several outputs is explained one output at a time: ``ModelGraph.of(model)``
+explains the first, ``graph.select_output(name or index)`` another (the graph of a
+``keras.Model`` on the same layers and weights with that output only). A single output
+unit is a binary classifier only where it can be a probability (a sigmoid); one made
+by a linear ``Dense`` (or ReLU, tanh, ...) is a regression, which class-based techniques
+refuse. ``output_kind`` says which, in words, for the report.
 """
 
 from __future__ import annotations
@@ -40,6 +47,17 @@ from vizkit.technique import suggest
 #: How many valid layers an error about a layer name lists, the closest first.
 NEAREST_LAYERS = 5
 _SQUASHING = ("softmax", "sigmoid")
+#: Activations (names lowercased, without "_") whose single unit is a probability: a
+#: binary classifier's p.
+_PROBABILITY_ACTIVATIONS = frozenset({"sigmoid", "hardsigmoid", "softmax"})
+#: Activations whose single unit is a value, not a probability: a regression. A single
+#: unit made by anything else (a Lambda, a custom activation) is taken as a probability,
+#: as before; the report says so (``output_kind``).
+_VALUE_ACTIVATIONS = frozenset({
+    "linear", "relu", "relu6", "leakyrelu", "elu", "selu", "celu", "gelu", "silu", "swish",
+    "hardsilu", "hardswish", "mish", "softplus", "softsign", "sparseplus", "squareplus",
+    "tanh", "hardtanh", "exponential", "exp", "prelu", "logsoftmax", "logsigmoid",
+})
 
 
 def is_graph_model(layer) -> bool:
@@ -148,10 +166,13 @@ class ModelGraph:
         self._calls: dict[str, tuple] = {}  # path → the traced (args, kwargs) it was called with
         self._producer: dict[int, str] = {}  # id of a traced tensor → the innermost path making it
         self._output = None
+        self._outputs: list = []  # every traced output, in the model's order
+        self._selected: dict[int, ModelGraph] = {}  # output index → the graph of that output alone
         try:
             outputs = self._trace(model, self._input, prefix="")
-            # several heads: the first is the one explained
-            self._output = outputs[0] if isinstance(outputs, (list, tuple)) else outputs
+            self._outputs = list(outputs) if isinstance(outputs, (list, tuple)) else [outputs]
+            # several heads: the first is the one explained (select_output picks another)
+            self._output = self._outputs[0]
         except Exception:
             if not free_size:
                 raise
@@ -296,12 +317,154 @@ class ModelGraph:
 
     @property
     def is_classifier(self) -> bool:
-        """One score per class, (batch, classes); or one probability, (batch, 1), for two classes."""
-        return len(self.output_shape) == 1 and (self.output_shape[0] or 0) >= 1
+        """One score per class, (batch, classes); or one probability, (batch, 1), for two
+        classes. A single unit that cannot be a probability (is_regression) is not one."""
+        return len(self.output_shape) == 1 and (self.output_shape[0] or 0) >= 1 and not self.is_regression
+
+    @property
+    def is_regression(self) -> bool:
+        """One output unit that is a value, not a probability: made by a linear Dense (or a
+        ReLU, tanh, softplus, ... activation). One sigmoid unit is a binary classifier."""
+        if self._output is None or self.output_shape != (1,):
+            return False
+        return self._final_activation() in _VALUE_ACTIVATIONS
 
     @property
     def num_classes(self) -> int:
         return 2 if self.output_shape == (1,) else int(self.output_shape[0])
+
+    # -- outputs -----------------------------------------------------------
+
+    @property
+    def output_names(self) -> list[str]:
+        """The model's outputs, in its order, each by the path of the layer that makes it
+        (``predictions``; ``head/value`` in a nested model); ``select_output`` takes them."""
+        names = getattr(self.model, "output_names", None) or []
+        return [
+            self._producer.get(id(tensor)) or (names[i] if i < len(names) else f"output_{i}")
+            for i, tensor in enumerate(self._outputs)
+        ]
+
+    @property
+    def output_name(self) -> str | None:
+        """The name (as in ``output_names``) of the output that is explained; None where
+        it could not be traced (a free-size graph of a model with Flatten → Dense)."""
+        if self._output is None:
+            return None
+        index = next((i for i, tensor in enumerate(self._outputs) if tensor is self._output), 0)
+        return self.output_names[index]
+
+    def select_output(self, output: str | int | None = None) -> "ModelGraph":
+        """The graph that explains one output of a model with several.
+
+        ``output``: its name (an ``output_names`` entry, a layer name unique among them,
+        the name Keras gives it, or its key in a dict of outputs) or its index (an int,
+        or digits). For a model with one output this graph itself (``output`` must name
+        it, if given); else the graph of ``keras.Model(model.inputs, that output)``,
+        which shares the model's layers and weights, traced once and kept. ``None``:
+        this graph where the model has one output; ValueError listing the outputs where
+        it has several, as for a name or index that is none of them.
+        """
+        index = self._output_index(output)
+        if len(self._outputs) <= 1:
+            return self
+        if index not in self._selected:
+            model = self.model
+            single = keras.Model(model.inputs[0], model.outputs[index], name=model.name)
+            self._selected[index] = ModelGraph(single)
+        return self._selected[index]
+
+    def _outputs_listed(self) -> str:
+        return ", ".join(
+            f"{i}: {name!r} (shape {tuple(tensor.shape[1:])})"
+            for i, (name, tensor) in enumerate(zip(self.output_names, self._outputs))
+        )
+
+    def _output_index(self, output: str | int | None) -> int:
+        names, count = self.output_names, len(self._outputs)
+        listed = f"its output{'s' if count != 1 else ''}: {self._outputs_listed()}"
+        if output is None:
+            if count > 1:
+                raise ValueError(
+                    f"{self.name} has {count} outputs ({self._outputs_listed()}); name the one to "
+                    "explain (--output NAME, or its index)"
+                )
+            return 0
+        if isinstance(output, str) and output.strip().isdigit() and output.strip().isascii():
+            output = int(output.strip())
+        if isinstance(output, int) and not isinstance(output, bool):
+            if 0 <= output < count:
+                return output
+            raise ValueError(f"{self.name} has no output {output}; {listed}")
+        keras_names = list(getattr(self.model, "output_names", None) or [])
+        struct = getattr(self.model, "_outputs_struct", None)
+        keys = list(struct) if isinstance(struct, dict) and len(struct) == count else []
+        for candidates in (
+            names,
+            [name.rsplit("/", 1)[-1] for name in names],
+            keras_names if len(keras_names) == count else [],
+            keys,
+        ):
+            found = [i for i, name in enumerate(candidates) if name == output]
+            if len(found) == 1:
+                return found[0]
+            if len(found) > 1:
+                raise ValueError(f"{self.name} has several outputs named {output!r}; name one by its index ({listed})")
+        raise ValueError(f"{self.name} has no output {output!r}; {listed}")
+
+    @property
+    def output_kind(self) -> str | None:
+        """What the explained output is taken to be, in words, as the report says it: e.g.
+        "classifier (softmax over 10 classes)", "binary classifier (one sigmoid unit)",
+        "regression (one linear unit): class-based techniques refuse it"; None where the
+        output could not be traced."""
+        if self._output is None:
+            return None
+        shape = self.output_shape
+        refused = "class-based techniques refuse it"
+        if len(shape) != 1 or not (shape[0] or 0) >= 1:
+            return f"not a classifier (output shape {shape}): {refused}"
+        activation = self._final_activation()
+        if self.is_regression:
+            return f"regression ({self._regression_unit()}): {refused}"
+        kind = self.output_activation
+        if shape == (1,):
+            if kind == "sigmoid" or activation in _PROBABILITY_ACTIVATIONS - {"softmax"}:
+                return "binary classifier (one sigmoid unit: p is class 1, 1 - p class 0)"
+            if activation == "softmax":
+                return "binary classifier (one unit taken as the probability p of class 1, but a softmax over one unit is always 1)"
+            return (
+                "binary classifier (one unit, taken as the probability p of class 1; vizkit "
+                "cannot see what makes it)"
+            )
+        count = shape[0]
+        if kind == "softmax":
+            return f"classifier (softmax over {count} classes)"
+        if kind == "linear":
+            return f"classifier ({count} logits, one per class; their softmax gives the probabilities)"
+        if kind == "sigmoid":
+            return f"multi-label classifier ({count} sigmoid units, one probability per class)"
+        return f"classifier ({count} scores, one per class, taken as they are; vizkit cannot see what makes them)"
+
+    def _regression_unit(self) -> str:
+        activation = self._final_activation()
+        return "one linear unit" if activation == "linear" else f"one unit with a {activation} activation"
+
+    def _final_activation(self) -> str | None:
+        """The activation that makes the explained output, lowercased without "_", where
+        vizkit can see it: a layer's ``activation`` option (Dense, Activation, ...), an
+        activation layer (ReLU, Softmax, ...) or a keras.ops activation; else None."""
+        path = self._producer.get(id(self._output)) if self._output is not None else None
+        if path is None:
+            return None
+        layer = self._layers[path]
+        normal = lambda name: name.lower().replace("_", "")  # noqa: E731
+        activation = _config(layer).get("activation") if isinstance(layer, keras.Layer) else None
+        if isinstance(activation, str):
+            name = normal(activation)
+            return name if name in _PROBABILITY_ACTIVATIONS | _VALUE_ACTIVATIONS else None
+        name = normal(type(layer).__name__)
+        return name if name in _PROBABILITY_ACTIVATIONS | _VALUE_ACTIVATIONS else None
 
     def __contains__(self, path: str) -> bool:
         return path in self._by_path
@@ -411,8 +574,17 @@ class ModelGraph:
         if score in self._score_tensors:
             return self._score_tensors[score]
         if self._output is None or not self.is_classifier:
-            shape = "unknown" if self._output is None else self.output_shape
-            raise ValueError(f"{self.name} is not a classifier (output shape {shape}); it has no class scores")
+            if self._output is None:
+                raise ValueError(f"{self.name} is not a classifier (output shape unknown); it has no class scores")
+            if self.is_regression:
+                raise ValueError(
+                    f"{self.name} is not a classifier: its output {self.output_name!r} is a regression "
+                    f"({self._regression_unit()}); it has no class scores"
+                )
+            raise ValueError(
+                f"{self.name} is not a classifier (output {self.output_name!r}, shape {self.output_shape}); "
+                "it has no class scores"
+            )
         kind, pre_activation, path = self._ending()
         binary = self.output_shape == (1,)
         if score == "probability":

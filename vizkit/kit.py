@@ -7,6 +7,8 @@ by ``vizkit plugins`` in a blink. ``docs/api.md`` documents each name.
 
 from __future__ import annotations
 
+import math
+import os
 import weakref
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
@@ -29,7 +31,7 @@ __all__ = [
     "COLORMAPS", "atomic_path", "guess_preprocess", "import_object", "preprocessor", "SCORES", "batch_option", "class_index", "class_option", "class_scores", "colorize", "conv_layer",
     "conv_layers", "deprocess_pattern", "describe_class", "describe_predictions", "explainable_layer", "explanation_map",
     "feature_map_layer", "gray_picture", "heatmap_artifacts", "heatmap_picture", "per_model", "overlay_options", "attribution_map", "imagenet_labels", "input_gradients", "last_feature_map_layer",
-    "layer_gradients", "layer_option", "layers_option", "normalize_heatmap", "overlay_heatmap", "require_classifier",
+    "layer_gradients", "layer_option", "layers_option", "memory_budget", "check_memory", "activation_bytes", "image_bytes", "normalize_heatmap", "overlay_heatmap", "require_classifier",
     "resize", "resolve_class", "sample_photos", "score_option", "side_by_side", "spearman", "spread_evenly", "ssim", "standardize_channels",
     "target_classes", "tile", "top_option", "usable_score",
 ]
@@ -198,12 +200,20 @@ def last_feature_map_layer(graph: "ModelGraph") -> tuple[str, str]:
 
 
 def require_classifier(graph: "ModelGraph", technique: str) -> None:
-    """ValueError unless the model gives one score per class (or one sigmoid unit)."""
+    """ValueError unless the model gives one score per class (or one sigmoid unit); the
+    message says what the output is instead (a regression, say)."""
     if not graph.is_classifier:
-        raise ValueError(
-            f"{technique} needs a classifier (output: one score per class); "
+        message = (
+            f"{technique} needs a classifier (output: one score per class, or one sigmoid unit); "
             f"{graph.name} outputs shape {graph.output_shape}"
         )
+        if getattr(graph, "is_regression", False):  # not a classifier though its shape fits one
+            message += (
+                f" from {graph.output_name!r}, a {graph.output_kind}. A single unit counts as a "
+                "binary classifier only where it ends in a sigmoid: if this one is a binary "
+                "classifier's logit, end the model in keras.layers.Activation('sigmoid')"
+            )
+        raise ValueError(message)
 
 
 def target_classes(scores: np.ndarray, classes: int | Sequence[int] | None = None) -> np.ndarray:
@@ -402,7 +412,144 @@ def top_option(default: int = 3) -> Option:
 
 
 def batch_option(default: int = 8) -> Option:
-    return Option("batch", int, default, "images per batch", minimum=1)
+    """A ``batch`` option: images per ``run_batch`` call, at most what fits in memory
+    (each image's pass with gradients, :func:`activation_bytes`)."""
+    return Option("batch", int, default, "images per batch", minimum=1, check=_check_batch)
+
+
+def _check_batch(value: int, context: "RunContext") -> None:
+    per_image = activation_bytes(context.model, gradients=True)
+    check_memory(value, lambda n: n * per_image, "for the images' activations and gradients")
+
+
+# -- memory: bounds for options that size allocations ----------------------------------
+
+# The side activation_bytes assumes for a model that takes any size: a run scales images
+# down to 512 on their longest side (unless --size says otherwise).
+_FREE_SIDE = 512
+_REFERENCE_SIDE = 256  # where a free-size model's layer shapes are worked out
+
+
+def _cgroup_limit() -> int | None:
+    """The memory limit of this process's container (cgroup v2 or v1), None if none."""
+    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            with open(path, encoding="ascii") as file:
+                text = file.read(64).strip()
+        except (OSError, ValueError):
+            continue
+        if text.isdigit() and int(text) < 1 << 60:  # v1 writes a huge number for "no limit"
+            return int(text)
+    return None
+
+
+def _memory() -> tuple[int | None, str]:
+    """(bytes, what they are): the container's memory limit where there is a lower one,
+    else the machine's physical memory; (None, …) where neither can be read."""
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, OSError, ValueError):  # not on every platform
+        total = 0
+    limit = _cgroup_limit()
+    if limit and (total <= 0 or limit < total):
+        return limit, "the container's memory limit"
+    return (total, "this machine's memory") if total > 0 else (None, "")
+
+
+def memory_budget() -> int:
+    """Bytes that one technique's options may plan to hold at once: 3/4 of this machine's
+    physical memory (``os.sysconf``), or of its container's limit where that is lower;
+    8 GiB where neither can be read."""
+    total, _ = _memory()
+    return total * 3 // 4 if total else 8 << 30
+
+
+def _bytes(count: float, digits: int = 1) -> str:
+    """``1.5 GiB``: a byte count for a person."""
+    for unit in ("bytes", "KiB", "MiB", "GiB", "TiB", "PiB"):
+        if count < 1024 or unit == "PiB":
+            return f"{count:.0f} {unit}" if unit == "bytes" else f"{count:.{digits}f} {unit}"
+        count /= 1024
+    raise AssertionError("unreachable")
+
+
+def check_memory(value: int, needs: Callable[[int], float], what: str = "", fix: str = "", low: int = 1) -> None:
+    """ValueError unless ``needs(value)`` bytes fit in :func:`memory_budget`: for an
+    Option ``check``. ``needs`` must grow with the value; the message gives the bytes
+    needed (``what`` says for what), the budget and the largest value from ``low`` up that
+    fits (``use at most N``), then ``fix``, another way out."""
+    budget = memory_budget()
+    needed = needs(value)
+    if needed <= budget:
+        return
+    total, where = _memory()
+    digits = next((d for d in (1, 2, 3) if _bytes(needed, d) != _bytes(budget, d)), 3)  # 3.0 GiB > 3.0 GiB reads wrong
+    said = (
+        f"{value} needs about {_bytes(needed, digits)} of memory{' ' + what if what else ''}, more than the "
+        f"{_bytes(budget, digits)} vizkit plans with" + (f" (3/4 of {where})" if total and budget == total * 3 // 4 else "")
+    )
+    if low >= value or needs(low) > budget:
+        even = f"; even {low} needs {_bytes(needs(low))}" if low < value else ""
+        raise ValueError(said + even + (f"; use {fix}" if fix else ""))
+    fits, too_many = low, value  # bisection: needs(fits) fits, needs(too_many) does not
+    while too_many - fits > 1:
+        middle = (fits + too_many) // 2
+        fits, too_many = (middle, too_many) if needs(middle) <= budget else (fits, middle)
+    raise ValueError(f"{said}; use at most {fits}" + (f", or {fix}" if fix else ""))
+
+
+def _floats_per_pixel(graph: "ModelGraph", upto: str | None) -> tuple[list[float], float]:
+    """(floats per input pixel of each layer's output, largest first; floats of the
+    outputs whose size does not depend on the input's) for one image, up to ``upto``:
+    from the layers' shapes, or for a model that takes any size from their shapes at a
+    reference side (worked out symbolically: nothing is computed)."""
+    infos = list(graph.layers)
+    if upto is not None:
+        path = graph.resolve(upto)
+        infos = infos[: next(i for i, info in enumerate(infos) if info.path == path) + 1]
+    infos = [info for info in infos if not info.nested_model]  # its output is its last layer's
+    spatial = [info for info in infos if info.spatial]
+    constant = float(sum(math.prod(d or 1 for d in info.shape) for info in infos if not info.spatial))
+    if graph.fixed_size:
+        area = graph.fixed_size[0] * graph.fixed_size[1]
+        shapes = [info.shape for info in spatial]
+    else:
+        area = _REFERENCE_SIDE**2
+        try:
+            import keras
+
+            probe = graph.probe([info.path for info in spatial]) if spatial else None
+            specs = probe.compute_output_spec(keras.KerasTensor((1, _REFERENCE_SIDE, _REFERENCE_SIDE, graph.channels))) if probe else []
+            specs = specs if isinstance(specs, (list, tuple)) else [specs]
+            shapes = [tuple(spec.shape[1:]) for spec in specs]
+        except Exception:  # a layer Keras cannot infer shapes for: count the input alone
+            shapes = []
+    return sorted((math.prod(d or 1 for d in shape) / area for shape in shapes), reverse=True), constant
+
+
+def image_bytes(graph: "ModelGraph") -> int:
+    """The bytes of one float32 input image: at the model's input size, or 512×512 for a
+    model that takes any size (a run's images are at most that, unless ``--size``)."""
+    height, width = graph.fixed_size or (_FREE_SIDE, _FREE_SIDE)
+    return 4 * height * width * graph.channels
+
+
+def activation_bytes(graph: "ModelGraph", side: int | None = None, upto: str | None = None, gradients: bool = False) -> int:
+    """About the memory of one image's pass through the model (up to and including the
+    layer ``upto``), in bytes, for a ``side``×``side`` input (default: as :func:`image_bytes`).
+
+    A forward pass: the input and the three largest layer outputs (TensorFlow frees an
+    output once the layers after it have used it). With ``gradients``, a pass that also
+    differentiates: the input, every layer's output (kept for the backward pass) and the
+    gradient of the largest. Float32 outputs, scaled with the input's area; rough (models
+    with batch normalization need less), for memory bounds (:func:`check_memory`)."""
+    sizes, constant = per_model(graph, ("activation floats", upto), lambda: _floats_per_pixel(graph, upto))
+    per_pixel = graph.channels + (sum(sizes) + sizes[0] if gradients else sum(sizes[:3])) if sizes else graph.channels
+    if side is not None:
+        area = side * side
+    else:
+        area = image_bytes(graph) // (4 * graph.channels)
+    return int(4 * (per_pixel * area + constant))
 
 
 # -- compiled forward and backward passes (TensorFlow loads here) -------------------------

@@ -104,7 +104,9 @@ def builtin_loaders() -> dict[str, ModelLoader]:
 def _claims(loader: ModelLoader, spec: str) -> bool:
     try:
         return bool(loader.match(spec))
-    except Exception as error:  # a plugin's match function is someone else's code
+    except KeyboardInterrupt:
+        raise
+    except BaseException as error:  # a plugin's match function is someone else's code (sys.exit too)
         raise ModelLoadError(f"the {loader.scheme}: model loader failed to check {spec!r}: {type(error).__name__}: {error}") from error
 
 
@@ -144,10 +146,12 @@ def _call_loader(loader: ModelLoader, spec: str, argument: str, offered: dict[st
 
     try:
         result = loader.load(argument, **_keyword_arguments(loader.load, offered))
-    except ModelLoadError:
+    except (ModelLoadError, KeyboardInterrupt):
         raise
-    except Exception as error:  # the plugin's own failure, named as such
-        raise ModelLoadError(f"the {loader.scheme}: model loader failed on {spec!r}: {error}") from error
+    except BaseException as error:  # the plugin's own failure (sys.exit too), named as such
+        raise ModelLoadError(
+            f"the {loader.scheme}: model loader failed on {spec!r}: {type(error).__name__}: {error}"
+        ) from error
     if isinstance(result, LoadedModel):
         if not isinstance(result.model, keras.Model):
             raise ModelLoadError(
@@ -210,7 +214,13 @@ def _ensure_built(model: keras.Model, size: int | None) -> None:
             f"{model.name} was never built and declares no input shape; pass --size N to "
             "build it for N×N RGB images (or add keras.Input(shape) as its first layer)"
         )
-    model.build((None, size, size, 3))
+    try:
+        model.build((None, size, size, 3))
+    except Exception as error:  # the model's own layers refuse that input
+        raise ModelLoadError(
+            f"{model.name} was never built, and building it for {size}×{size} RGB images failed: "
+            f"{type(error).__name__}: {error}"
+        ) from error
 
 
 def _has_inputs(model: keras.Model) -> bool:

@@ -1,7 +1,8 @@
 """Writing a Report as one self-contained ``index.html``, ``report.json`` and ``arrays.npz``.
 
-Pillow, Jinja2 and NumPy only. Every file is written to a temporary name and renamed,
-so an interrupted run never leaves a half-written report over an earlier one.
+Pillow, Jinja2 and NumPy only. The files are rendered in memory, then the folder is
+published whole (:mod:`vizkit.report_folder`): a failed or interrupted run leaves the
+folder as it was, and a new report replaces an earlier one entirely.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import jinja2
 import numpy as np
 from PIL import Image
 
-from vizkit.files import atomic_path
+from vizkit import report_folder
 from vizkit.report import Report
 
 #: Pictures narrower than this are scaled up (nearest neighbour) by an integer factor.
@@ -112,23 +113,30 @@ def _npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
     return stream.getvalue()
 
 
-def write(report: Report, outdir: Path, theme: Theme | None = None) -> Path:
-    """Write the report into ``outdir`` (created if needed); returns the path of index.html.
-
-    Everything is rendered in memory first, so a failure leaves the folder as it was.
-    """
+def render_files(report: Report, theme: Theme | None = None) -> dict[str, bytes]:
+    """The report's files, rendered in memory: name → bytes (``arrays.npz`` only when
+    the report saves arrays)."""
     files = {
         "report.json": (json.dumps(report.to_json(), indent=2, ensure_ascii=False, allow_nan=False) + "\n").encode(),
         "index.html": render_html(report, theme).encode("utf-8"),
     }
     if report.arrays_saved:
         files["arrays.npz"] = _npz_bytes(report.arrays())
-    outdir.mkdir(parents=True, exist_ok=True)
-    for name in ("arrays.npz", "report.json", "index.html"):  # the page last: it is what people open
-        if name in files:
-            with atomic_path(outdir / name) as temp:
-                temp.write_bytes(files[name])
-    if not report.arrays_saved:
-        # Arrays of an earlier run in this folder would now describe another report.
-        (outdir / "arrays.npz").unlink(missing_ok=True)
-    return outdir / "index.html"
+    return files
+
+
+def write(report: Report, outdir: Path | report_folder.ReportFolder, theme: Theme | None = None) -> Path:
+    """Write the report into ``outdir``, as a whole; returns the path of index.html.
+
+    Everything is rendered in memory first, then published: the folder ends up holding
+    exactly this report (an earlier report's ``arrays.npz`` goes too), or, on any
+    failure (a full disk: ``report_folder.ReportNotWritten``; Ctrl-C), stays as it was.
+    ``outdir`` is a folder a run claimed before its work (``report_folder.claim``), or a
+    path, claimed here: a folder holding files vizkit did not write, or one another run
+    is writing, is then refused (``report_folder.FolderRefused``).
+    """
+    files = render_files(report, theme)
+    if isinstance(outdir, report_folder.ReportFolder):
+        return outdir.publish(files)
+    with report_folder.claim(Path(outdir)) as folder:
+        return folder.publish(files)

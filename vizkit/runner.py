@@ -19,7 +19,7 @@ from typing import Callable
 
 import numpy as np
 
-from vizkit import __version__, host, images as image_io, preprocess as preprocessing, render
+from vizkit import __version__, host, images as image_io, preprocess as preprocessing, render, report_folder
 from vizkit.config import merge
 from vizkit.extension import ReportSection
 from vizkit.labels import LabelsError, read_labels
@@ -58,11 +58,17 @@ class RunOptions:
     size: int | None = None
     labels: Path | None = None
     save_arrays: bool = False
+    #: Write into ``outdir`` even when it holds files vizkit did not write (--overwrite):
+    #: its index.html, report.json and arrays.npz are replaced, its other files kept.
+    overwrite: bool = False
     #: Byte-identical output for identical inputs; None: when ``SOURCE_DATE_EPOCH`` is set.
     #: It dates the report from ``SOURCE_DATE_EPOCH`` (else 1970), leaves durations out,
     #: seeds random weights and turns on TensorFlow's op determinism, which TensorFlow
     #: cannot turn off again: it stays on for the rest of the process.
     reproducible: bool | None = None
+    #: The output to explain (--output): its name or index, for a model with several
+    #: outputs; None: the only one (several are then a UsageError that lists them).
+    output: str | int | None = None
 
     @property
     def is_reproducible(self) -> bool:
@@ -95,24 +101,38 @@ def source_date() -> datetime | None:
 
 
 def default_outdir(model_name: str, created: datetime, base: Path = Path("reports")) -> Path:
-    """``reports/<model>-<time>``, never an existing folder, so no report is overwritten."""
+    """``reports/<model>-<time>``, never an existing folder (nor one another run is
+    writing), so no report is overwritten."""
     stem = f"{model_name}-{created.strftime('%Y%m%d-%H%M%S')}"
     candidate, n = base / stem, 1
-    while candidate.exists():
+    while candidate.exists() or report_folder.is_claimed(candidate):
         n += 1
         candidate = base / f"{stem}-{n}"
     return candidate
 
 
-def check_outdir(outdir: Path | None) -> None:
-    """UsageError now, not after all the work, for a folder that cannot be written."""
+def check_outdir(outdir: Path | None, overwrite: bool = False) -> report_folder.ReportFolder | None:
+    """UsageError now, not after all the work, for a folder that cannot be written, that
+    holds files vizkit did not write (unless ``overwrite``), or that another run is
+    writing; else the folder, claimed (locked) until the report is in it or the run ends."""
     if outdir is None:
-        return
+        return None
     existing = next(p for p in [outdir, *outdir.absolute().parents] if p.exists())
     if not existing.is_dir():
         raise UsageError(f"-o {display_path(outdir)}: {display_path(existing)} is a file, not a folder")
     if not os.access(existing, os.W_OK):
         raise UsageError(f"-o {display_path(outdir)}: {display_path(existing)} is not writable")
+    try:
+        return report_folder.claim(outdir, overwrite=overwrite)
+    except report_folder.NotAReportFolder as error:
+        raise UsageError(
+            f"-o {error}: pick an empty or new folder, or add --overwrite to write the report into it anyway "
+            "(its index.html, report.json and arrays.npz are replaced, its other files kept)"
+        ) from None
+    except report_folder.FolderBusy as error:
+        raise UsageError(f"{error}: wait for it to finish, or pick another folder with -o") from None
+    except report_folder.FolderRefused as error:
+        raise UsageError(f"-o {error}") from None
 
 
 @dataclass
@@ -213,6 +233,7 @@ def add_predictions_one(graph, image, preprocess, labels) -> None:
         print(f"vizkit: {display_path(image.path)}: {image.error}", file=sys.stderr)
 
 
+@report_folder.releasing_claims  # the folder claimed by check_outdir is let go however the run ends
 def run(
     model,
     inputs: list[str | Path],
@@ -227,7 +248,9 @@ def run(
     plugin host to use instead of one built from ``options.plugins`` and
     ``options.disabled_plugins`` (give one or the other).
 
-    Raises UsageError (nothing written) for bad arguments or a model that cannot load.
+    Raises UsageError (nothing written) for bad arguments or a model that cannot load,
+    and ``report_folder.ReportNotWritten`` (an OSError) when the report cannot be written
+    (a full disk): the folder then stays as it was.
     A failing image or technique is recorded in the report instead (``report.failed``).
     """
     options = options or RunOptions()
@@ -235,7 +258,7 @@ def run(
         raise UsageError("give plugins either in RunOptions or as a plugin host (pm), not both")
     planned = plan(options, pm)
     pm, selected, params, preprocess = planned.pm, planned.techniques, planned.params, planned.preprocess
-    check_outdir(outdir)
+    folder = check_outdir(outdir, options.overwrite)
     try:
         labels = read_labels(options.labels) if options.labels else None
     except LabelsError as error:
@@ -267,7 +290,8 @@ def run(
     progress(f"loading model {display_path(str(getattr(model, 'name', model)))}")
     try:
         loaded = load_model(model, weights=options.weights, size=options.size, loaders=host.model_loaders(pm))
-        graph = ModelGraph.of(loaded.model)
+        whole = ModelGraph.of(loaded.model)
+        graph = whole.select_output(options.output)  # the output explained; several need options.output
     except (ModelLoadError, ValueError) as error:
         raise UsageError(str(error)) from None
     if preprocess is None:
@@ -330,6 +354,9 @@ def run(
             "sha256": loaded.sha256,
             "input_shape": list(graph.input_shape),
             "output_shape": list(graph.output_shape),
+            "outputs": whole.output_names,
+            "output": graph.output_name,
+            "output_kind": graph.output_kind,
             "layers": len(graph.layers),
             "preprocess": preprocess_name,
             "preprocess_reason": preprocess_reason,
@@ -343,9 +370,10 @@ def run(
         arrays_saved=options.save_arrays,
         metrics=metric_records,
     )
-    outdir = outdir or default_outdir(loaded.name, created)
+    folder = folder or report_folder.claim_new(lambda: default_outdir(loaded.name, created))
+    outdir = folder.path
     progress(f"writing {display_path(outdir)}")
-    index = _write(report, outdir, _apply_report_hooks(pm, report))
+    index = _write(report, folder, _apply_report_hooks(pm, report))
     _, errors = pm.call("report_written", report=report, outdir=outdir, index=index)
     for error in errors:
         print(f"vizkit: {error}", file=sys.stderr)
@@ -353,25 +381,26 @@ def run(
     return report, index
 
 
-def _write(report: Report, outdir: Path, theme: render.Theme) -> Path:
-    """Render and write the report; the plugins' templates and CSS are dropped if they break it.
-
-    An error of vizkit's own here carries ``vizkit_outdir``: the CLI says which folder
-    may hold an incomplete report.
+def _write(report: Report, folder: report_folder.ReportFolder, theme: render.Theme) -> Path:
+    """Render and write the report, whole; the plugins' templates and CSS are dropped if
+    they break it. ReportNotWritten (a full disk) and Ctrl-C pass through, the folder as
+    it was; an error of vizkit's own carries ``vizkit_outdir``, for the CLI to name.
     """
     try:
         try:
-            return render.write(report, outdir, theme)
-        except KeyboardInterrupt:
+            return render.write(report, folder, theme)
+        except (KeyboardInterrupt, report_folder.ReportNotWritten):
             raise
         except BaseException as error:  # a plugin's template or CSS: write the page without them
             if theme == render.Theme():
                 raise
             report.plugin_errors.append(f"the report could not be rendered with the plugins' templates: {_traceback(error, 1)}")
             print(f"vizkit: {report.plugin_errors[-1]}", file=sys.stderr)
-            return render.write(report, outdir)
+            return render.write(report, folder)
+    except report_folder.ReportNotWritten:
+        raise
     except Exception as error:
-        error.vizkit_outdir = outdir
+        error.vizkit_outdir = folder.path
         raise
 
 

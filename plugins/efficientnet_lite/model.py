@@ -30,6 +30,7 @@ from __future__ import annotations
 import hashlib
 import importlib.resources
 import os
+import warnings
 from pathlib import Path
 
 import keras
@@ -42,6 +43,7 @@ from .pth import load_state_dict
 
 __all__ = [
     "BLOCKS",
+    "CacheWarning",
     "WeightsError",
     "INPUT_SIZE",
     "MODEL_NAME",
@@ -50,9 +52,11 @@ __all__ = [
     "cached_model",
     "default_weights_path",
     "efficientnet_lite0",
+    "layer_names",
     "load_weights",
     "resolve_cache_dir",
     "weight_map",
+    "weights_fingerprint",
 ]
 
 INPUT_SIZE = 224
@@ -87,6 +91,11 @@ class WeightsError(ValueError):
     """The pretrained weights are missing or do not fit the architecture."""
 
 
+class CacheWarning(UserWarning):
+    """A cached model was not the expected EfficientNet-Lite0 (damaged, replaced, from
+    other weights) and was rebuilt from the shipped weights; the message says why."""
+
+
 # --------------------------------------------------------------------------- architecture
 
 
@@ -105,6 +114,18 @@ def _block_specs():
         for repeat in range(repeats):
             yield index, expand, kernel, stride if repeat == 0 else 1, channels, out
             index, channels = index + 1, out
+
+
+def layer_names() -> list[str]:
+    """The names of :func:`build`'s layers, in ``model.layers`` order (its input included)."""
+    names = ["input", "stem_conv", "stem_bn", "stem_relu"]
+    for n, expand, _, stride, in_channels, out_channels in _block_specs():
+        if expand != 1:
+            names += [f"block{n}_expand_conv", f"block{n}_expand_bn", f"block{n}_expand_relu"]
+        names += [f"block{n}_dwconv", f"block{n}_bn", f"block{n}_relu", f"block{n}_project_conv", f"block{n}_project_bn"]
+        if stride == 1 and in_channels == out_channels:
+            names.append(f"block{n}_add")
+    return names + ["top_conv", "top_bn", "top_relu", "avg_pool", "predictions"]
 
 
 def build() -> keras.Model:
@@ -254,15 +275,106 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _read_cache(model_path: Path, hash_path: Path) -> keras.Model | None:
-    """The cached model if its file matches the recorded SHA-256 and loads; else None."""
+def weights_fingerprint(model: keras.Model) -> str:
+    """SHA-256 over every weight of ``model``, layer by layer in order: each weight's layer
+    name, position and shape, then its values as little-endian float32 bytes. Recorded
+    next to the cache when the model is converted, checked when it is read back."""
+    digest = hashlib.sha256()
+    for layer in model.layers:
+        for position, weight in enumerate(layer.weights):
+            values = np.ascontiguousarray(weight.numpy(), dtype="<f4")
+            digest.update(f"{layer.name}:{position}:{values.shape}\n".encode())
+            digest.update(values.tobytes())
+    return digest.hexdigest()
+
+
+def _read_record(hash_path: Path) -> dict[str, str]:
+    """The ``.sha256`` record: ``file`` (the ``.keras`` file's SHA-256, the first line, as
+    ``sha256sum`` writes it) and the ``# key value`` lines under it (which ``sha256sum -c``
+    skips): ``weights-sha256``, ``source-sha256``, ``layers``."""
+    lines = hash_path.read_text(encoding="ascii").splitlines()
+    record = {"file": lines[0].split()[0]} if lines and lines[0].split() else {}
+    for line in lines[1:]:
+        parts = line.split()
+        if len(parts) == 3 and parts[0] == "#":
+            record[parts[1]] = parts[2]
+    return record
+
+
+def _source_digest() -> str | None:
+    """The SHA-256 of the installed checkpoint; None where the weights package is missing."""
     try:
-        recorded = hash_path.read_text(encoding="ascii").split()[0]
-        if _sha256(model_path) != recorded:
-            return None
-        return keras.models.load_model(model_path, compile=False)
-    except Exception:  # missing, unreadable, truncated, not a model: rebuild it
+        return _sha256(default_weights_path())
+    except (WeightsError, OSError):
         return None
+
+
+def _architecture_problem(model: keras.Model) -> str | None:
+    """Why ``model`` is not :func:`build`'s architecture (None where it is)."""
+    shape = tuple(model.inputs[0].shape[1:]) if getattr(model, "inputs", None) else None
+    if len(getattr(model, "inputs", []) or []) != 1 or shape != (INPUT_SIZE, INPUT_SIZE, 3):
+        return f"its input is {shape}, not {INPUT_SIZE}×{INPUT_SIZE}×3"
+    outputs = getattr(model, "outputs", []) or []
+    if len(outputs) != 1 or tuple(outputs[0].shape[1:]) != (CLASSES,):
+        found = [tuple(t.shape[1:]) for t in outputs]
+        return f"it outputs {found[0] if len(found) == 1 else found}, not {CLASSES} ImageNet classes"
+    names, expected = [layer.name for layer in model.layers], layer_names()
+    if names != expected:
+        first = next((i for i, (a, b) in enumerate(zip(names, expected)) if a != b), min(len(names), len(expected)))
+        return (
+            f"it has {len(names)} layers, EfficientNet-Lite0 {len(expected)}"
+            if len(names) != len(expected)
+            else f"its layer {first} is {names[first]!r}, not {expected[first]!r}"
+        )
+    if _config_activation(model.get_layer("predictions")) != "softmax":
+        return "its predictions layer is not a softmax"
+    return None
+
+
+def _config_activation(layer) -> object:
+    try:
+        return layer.get_config().get("activation")
+    except Exception:
+        return None
+
+
+def _check_cache(model_path: Path, hash_path: Path) -> tuple[keras.Model | None, str | None]:
+    """(the cached model, None) where it is the expected EfficientNet-Lite0, else (None,
+    why not); (None, None) where there is no cache file yet.
+
+    Expected: the file matches the SHA-256 its ``.sha256`` record gives; it loads; its
+    architecture is :func:`build`'s (224×224×3 input, 1000 classes through a softmax, the
+    same layers by name and count); its weights match the fingerprint recorded when it
+    was converted; and it was converted from the checkpoint installed now (where the
+    weights package is installed).
+    """
+    if not model_path.is_file():
+        return None, None
+    try:
+        record = _read_record(hash_path)
+    except (OSError, UnicodeDecodeError):
+        return None, f"its record {hash_path.name} is missing or unreadable"
+    try:
+        if record.get("file") != _sha256(model_path):
+            return None, f"the file does not match the SHA-256 in {hash_path.name} (corrupt, truncated or replaced)"
+    except OSError as error:
+        return None, f"it cannot be read ({error})"
+    if "weights-sha256" not in record:
+        return None, f"{hash_path.name} records no fingerprint of its weights (written by an older vizkit)"
+    try:
+        model = keras.models.load_model(model_path, compile=False)
+    except Exception as error:  # truncated, not a model, a custom layer: rebuild it
+        detail = (str(error).splitlines() or [""])[0][:200]
+        return None, f"it does not load ({type(error).__name__}: {detail})"
+    problem = _architecture_problem(model)
+    if problem:
+        return None, f"it is not EfficientNet-Lite0: {problem}"
+    if weights_fingerprint(model) != record["weights-sha256"]:
+        return None, "its weights differ from those recorded when it was converted"
+    source = _source_digest()
+    if source is not None and record.get("source-sha256") != source:
+        return None, f"it was converted from other weights than the installed {WEIGHTS_PIP} package's"
+    return model, None
 
 
 def cached_model(cache_dir: str | os.PathLike | None = None) -> keras.Model:
@@ -271,25 +383,43 @@ def cached_model(cache_dir: str | os.PathLike | None = None) -> keras.Model:
     ``cache_dir`` defaults to :func:`resolve_cache_dir` (``$VIZKIT_CACHE_DIR``, else
     ``$XDG_CACHE_HOME/vizkit``, else ``~/.cache/vizkit``).
 
-    Next to the ``.keras`` file, ``<name>.sha256`` records its SHA-256. A cache file that
-    does not match it (corrupt, truncated, half written) or does not load is rebuilt. Both
-    files are written to a temporary name and renamed, so readers never see a partial file.
-    If the cache folder cannot be written, the converted model is returned uncached.
+    Next to the ``.keras`` file, ``<name>.sha256`` records its SHA-256 (the first line, in
+    ``sha256sum`` format), and under it, as ``# key value`` lines: ``weights-sha256``, the
+    :func:`weights_fingerprint` of the converted model; ``source-sha256``, the SHA-256 of
+    the checkpoint it was converted from; ``layers``, its layer count. A cache file that
+    is not the expected model (see ``_check_cache``: corrupt, truncated, half written,
+    replaced by another model, converted from other weights) is rebuilt from the shipped
+    weights, with a :class:`CacheWarning` saying why. Both files are written to a
+    temporary name and renamed, so readers never see a partial file. If the cache folder
+    cannot be written, the converted model is returned uncached.
     """
     directory = resolve_cache_dir(cache_dir)
     model_path = directory / CACHE_FILE
     hash_path = directory / (CACHE_FILE + ".sha256")
-    model = _read_cache(model_path, hash_path)
+    model, problem = _check_cache(model_path, hash_path)
     if model is not None:
         return model
-    model = efficientnet_lite0()
+    if problem:
+        warnings.warn(
+            f"the cached {MODEL_NAME} ({model_path}) is not the expected model: {problem}; "
+            "rebuilding it from the shipped weights",
+            CacheWarning,
+            stacklevel=2,
+        )
+    source = default_weights_path()
+    model = efficientnet_lite0(source)
     try:
         directory.mkdir(parents=True, exist_ok=True)
         with kit.atomic_path(model_path) as temp:
             model.save(temp)
-        digest = _sha256(model_path)
+        record = (
+            f"{_sha256(model_path)}  {CACHE_FILE}\n"
+            f"# weights-sha256 {weights_fingerprint(model)}\n"
+            f"# source-sha256 {_sha256(source)}\n"
+            f"# layers {len(model.layers)}\n"
+        )
         with kit.atomic_path(hash_path) as temp:
-            temp.write_text(f"{digest}  {CACHE_FILE}\n", encoding="ascii")
+            temp.write_text(record, encoding="ascii")
     except OSError:
         pass  # a read-only or full disk costs a conversion per run, nothing more
     return model
