@@ -152,7 +152,7 @@ def main() -> None:
         explain_ms, metric_ms = row["explain"]["best"] / count, row["metric"]["best"] / count
         forward_ms = row["forward"]["best"] / count
         auc = row["auc"]
-        print(f"| {name} | {ms(explain_ms)} | {ms(metric_ms)} | {metric_ms / explain_ms:.0f}× "
+        print(f"| {name} | {ms(explain_ms)} | {ms(metric_ms)} | {metric_ms / explain_ms:.2g}× "
               f"| {metric_ms / forward_ms:.2f} ({ms(forward_ms)} ms) "
               f"| {ms(row['metric + baseline']['best'] / count)} "
               f"| {auc['deletion_auc']:.3f} ({auc['random_deletion_auc']:.3f}) "

@@ -311,14 +311,14 @@ def evaluate(context: "RunContext", explanation: "Explanation") -> list[Measurem
     counts = cascade(total, params["steps"])
     fewer = f" (only {len(counts)}: there are no more weighted layers)" if len(counts) < params["steps"] else ""
     context.note(
-        f"randomization: {total} weighted layer(s), randomized from the output down in {len(counts)} step(s)"
+        f"{total} weighted layer(s), randomized from the output down in {len(counts)} step(s)"
         f"{fewer}: {_describe_steps(copy, counts)}; each trainable tensor redrawn from a normal with its own "
         f"mean and standard deviation, seed {params['seed']}; the first {len(pairs)} image(s) re-explained, "
         "compared by Spearman's rank correlation and SSIM",
     )
     if not _has_class_option(explanation) and any(artifact.target is not None for _, artifact in pairs):
         context.note(
-            f"randomization: {explanation.technique.name} has no class option, so on the randomized model "
+            f"{explanation.technique.name} has no class option, so on the randomized model "
             "it explains that model's own top class, not the class of the original map",
         )
     rhos, similarities, flat, pictures = _run_cascade(context, explanation, copy, counts, pairs)
@@ -353,7 +353,7 @@ def evaluate(context: "RunContext", explanation: "Explanation") -> list[Measurem
         values={**_values(mean_rho, mean_ssim), **{f"layers_step{step}": float(n) for step, n in enumerate(counts, 1)}},
         caption=(
             f"rank corr. {mean_rho[-1]:.2f}, SSIM {mean_ssim[-1]:.2f} {random}, {np.mean(mean_rho):.2f} and "
-            f"{np.mean(mean_ssim):.2f} over the cascade (mean of {len(pairs)} image(s)); "
+            f"{np.mean(mean_ssim):.2f} over the cascade (the mean of {len(pairs)} image(s)); "
             f"randomized from the top, {_describe_steps(copy, counts)}; picture: {pairs[0][0].id}, the original "
             "map then each step's"
         ),
