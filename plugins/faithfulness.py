@@ -88,9 +88,9 @@ def default_sigma(height: int, width: int) -> float:
 
 def blur_kernel(sigma: float) -> np.ndarray:
     """RISE's 1-D blur kernel for ``sigma``: ``scipy.ndimage.gaussian_filter1d`` of a unit
-    impulse (σ, truncated at 4σ) in a window of 2·⌊σ + ½⌋ + 1 pixels with reflected edges
+    impulse (σ, truncated at 4σ) in a window of 2·⌊σ + ½⌋ + 1 pixels (at least 3) with reflected edges
     (``mode="reflect"``); the outer product of two is their 2-D ``gkern``. Sums to 1."""
-    radius = int(sigma + 0.5)
+    radius = max(1, int(sigma + 0.5))  # a 1-pixel window would blur nothing
     window = 2 * radius + 1
     reach = int(4 * sigma + 0.5)
     offsets = np.arange(-reach, reach + 1)
@@ -258,6 +258,8 @@ def evaluate(context: RunContext, explanation: Explanation) -> list[Measurement]
     kit.require_classifier(graph, "faithfulness (deletion/insertion)")
     steps, seed, per_pass = params["steps"], params["seed"], params["per_pass"]
     baselines = kit.per_model(graph, BASELINE_CACHE, dict)
+    # the weights belong in the key: a notebook may train the model between two runs
+    weights = hashlib.sha256(b"".join(np.ascontiguousarray(w).tobytes() for w in graph.model.get_weights())).hexdigest()
     pairs = explanation.pairs(context.images)
     measurements, random_aucs = [], []
     for number, (image, artifact) in enumerate(pairs, 1):
@@ -272,7 +274,7 @@ def evaluate(context: RunContext, explanation: Explanation) -> list[Measurement]
 
         identity = image.sha256 or hashlib.sha256(np.ascontiguousarray(pixels).tobytes()).hexdigest()
         content = hashlib.sha256(np.ascontiguousarray(pixels).tobytes()).hexdigest()
-        key = (content, pixels.shape, identity, target, steps, params["substrate"], sigma, seed, params["grid"], context.preprocess)
+        key = (content, pixels.shape, identity, target, steps, params["substrate"], sigma, seed, params["grid"], context.preprocess, weights)
         if key not in baselines:
             shuffled = pixel_ranks(random_map(height, width, params["grid"], seed, identity))
             baselines[key] = image_curves(graph, pixels, canvas, shuffled, target, context.preprocess, steps, per_pass)

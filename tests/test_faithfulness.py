@@ -325,3 +325,25 @@ def test_the_metric_is_registered(vizkit_host):
     registered = host.metrics(vizkit_host())
     assert registered["faithfulness"].metric is METRIC
     assert [column.better for column in METRIC.columns] == ["lower", "higher"]
+
+
+def test_the_baseline_follows_the_model_when_its_weights_change(vizkit_context):
+    """A notebook may train the model between runs: the cached baseline must not outlive its weights."""
+    context = vizkit_context(METRIC, {"steps": 4})
+    maps = {image.id: np.random.default_rng(2).random((SIZE, SIZE)) for image in context.images}
+    before = by_image(METRIC.measure(context, explanation(maps)))
+    model = context.model.model
+    model.set_weights([w * (-1.5 if w.ndim == 2 else 1) for w in model.get_weights()])  # the classifier's kernel
+    after = by_image(METRIC.measure(context, explanation(maps)))
+    kit.per_model(context.model, faithfulness.BASELINE_CACHE, dict).clear()
+    fresh = by_image(METRIC.measure(context, explanation(maps)))
+    for image_id in before:
+        assert after[image_id].values["random_deletion_auc"] == fresh[image_id].values["random_deletion_auc"]
+    assert any(before[i].values["random_deletion_auc"] != after[i].values["random_deletion_auc"] for i in before)
+
+
+def test_a_small_image_is_still_blurred():
+    """σ below ½ pixel would make a 1-pixel window: the substrate would be the image itself."""
+    image = np.random.default_rng(3).uniform(0, 255, (16, 16, 3)).astype("float32")
+    assert faithfulness.default_sigma(16, 16) < 0.5
+    assert not np.allclose(faithfulness.substrate_image(image, "blur"), image)

@@ -409,3 +409,12 @@ def test_a_model_that_is_a_fifo_or_a_device_is_refused(vizkit_cli, vizkit_images
         assert result.exit_code == 2, result.output
     assert "is not a regular file" in vizkit_cli("run", fifo, vizkit_images, "-o", tmp_path / "out").output
     assert not (tmp_path / "out").exists()
+
+
+def test_overlapping_inputs_list_each_skipped_file_once(tmp_path):
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "notes.txt").write_text("not an image")
+    write_image(tmp_path / "sub" / "cat.png")
+    files, skipped = image_io.scan([tmp_path, tmp_path / "sub", tmp_path])
+    assert [path.name for path in files] == ["cat.png"]
+    assert [entry.path.name for entry in skipped] == ["notes.txt"]

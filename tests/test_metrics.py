@@ -220,3 +220,22 @@ def test_spearman_and_ssim_against_direct_formulas():
     assert kit.ssim(a, 1 - a) < 0
     with pytest.raises(ValueError):
         kit.ssim(a, a[:3])
+
+
+def test_text_fields_and_extreme_curves_are_refused_where_made():
+    """Else a plugin's bytes caption or an overflowing curve would fail the report's writing."""
+    with pytest.raises(TypeError, match="caption must be a str"):
+        Measurement({"a": 1.0}, caption=b"bytes")
+    with pytest.raises(TypeError, match="warning must be a str or None"):
+        Measurement({"a": 1.0}, warning=3)
+    with pytest.raises(TypeError, match="curve label"):
+        Curve(b"label", (0, 1))
+    with pytest.raises(ValueError, match="within"):
+        Curve("huge", (1e308, -1e308))
+
+
+def test_metric_options_are_checked_even_when_no_technique_needs_them():
+    from vizkit.runner import RunOptions, plan
+
+    planned = plan(RunOptions(techniques=["activations"], metrics=["faithfulness"], settings={"faithfulness": {"steps": "8"}}))
+    assert planned.metrics == [] and planned.params["faithfulness"]["steps"] == 8

@@ -188,8 +188,9 @@ def test_running_inside_the_report_folder_keeps_it(vizkit_cli, vizkit_model_file
         {"notes.txt": b"my notes"},
         {"index.html": b"<p>my page</p>", "report.json": b'{"results": [1, 2]}', "arrays.npz": b"mine"},
         {"index.html": b"<p>my page</p>", "data/values.csv": b"1,2"},
+        {".vizkit-notes/precious.txt": b"mine, though named like vizkit's"},
     ],
-    ids=["other-file", "same-names", "subfolder"],
+    ids=["other-file", "same-names", "subfolder", "vizkit-like-name"],
 )
 def test_a_folder_vizkit_did_not_write_is_refused_untouched(vizkit_cli, vizkit_model_file, vizkit_images, reports,
                                                             monkeypatch, contents):

@@ -78,7 +78,7 @@ def scan(inputs: list[Path]) -> tuple[list[Path], list[Skipped]]:
             skipped.append(Skipped(path, not_regular_reason(mode)))
         else:
             found.append(path)
-    return list(dict.fromkeys(found)), skipped
+    return list(dict.fromkeys(found)), list({entry.path: entry for entry in skipped}.values())  # inputs may overlap
 
 
 def _mode(path: Path) -> int | None:

@@ -25,6 +25,8 @@ if TYPE_CHECKING:
 
 #: Colours a :class:`Curve` may name (the report's palette); "" picks by position.
 CURVE_COLORS = ("red", "blue", "green", "orange", "purple", "gray")
+#: The largest |value| a Curve may hold (so that its chart's scale stays finite).
+MAX_CURVE_VALUE = 1e100
 #: How a summary column ranks methods: by lower values first, higher first, or not at all.
 BETTER = ("lower", "higher", "")
 
@@ -39,9 +41,11 @@ class Curve:
     dashed: bool = False
 
     def __post_init__(self) -> None:
+        if not isinstance(self.label, str):
+            raise TypeError(f"curve label {self.label!r} is not a str")
         object.__setattr__(self, "values", tuple(float(v) for v in self.values))
-        if len(self.values) < 2 or not all(math.isfinite(v) for v in self.values):
-            raise ValueError(f"curve {self.label!r}: give at least two finite values")
+        if len(self.values) < 2 or not all(math.isfinite(v) and abs(v) <= MAX_CURVE_VALUE for v in self.values):
+            raise ValueError(f"curve {self.label!r}: give at least two finite values, each within ±{MAX_CURVE_VALUE:g}")
         if self.color not in CURVE_COLORS + ("",):
             raise ValueError(f"curve {self.label!r}: color {self.color!r} is not one of {', '.join(CURVE_COLORS)}")
 
@@ -74,6 +78,10 @@ class Measurement:
                 raise ValueError(f"{where}: value {key!r} is {value}, not a finite number")
             values[key] = float(value)
         object.__setattr__(self, "values", values)
+        for name in ("caption", "warning", "image_id"):
+            text = getattr(self, name)
+            if not (isinstance(text, str) or (text is None and name != "caption")):
+                raise TypeError(f"{where}: {name} must be a str{'' if name == 'caption' else ' or None'}, not {type(text).__name__}")
         object.__setattr__(self, "curves", tuple(self.curves))
         if not all(isinstance(curve, Curve) for curve in self.curves):
             raise TypeError(f"{where}: curves must be vizkit Curve objects")

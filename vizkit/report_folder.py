@@ -120,12 +120,18 @@ class ReportNotWritten(OSError):
         return cls(error.errno, text + ("; the report already there is unchanged" if kept else ""), folder)
 
 
+def _inner_temporary(name: str) -> bool:
+    """One of the names vizkit itself makes inside a folder (its lock, a ``new-*`` folder
+    of files being written): a user's own ``.vizkit-notes`` is not one."""
+    return name == f"{INNER_PREFIX}lock" or re.fullmatch(re.escape(INNER_PREFIX) + r"new-[A-Za-z0-9_]+", name) is not None
+
+
 def classify(folder: Path) -> tuple[str, list[str]]:
     """``(kind, foreign)``: kind is ``missing``, ``empty``, ``report`` (a vizkit report)
     or ``foreign``, with the names of the entries vizkit did not write. vizkit's own
     temporary entries (``.vizkit-*``) do not count."""
     try:
-        names = sorted(entry.name for entry in os.scandir(folder) if not entry.name.startswith(INNER_PREFIX))
+        names = sorted(entry.name for entry in os.scandir(folder) if not _inner_temporary(entry.name))
     except FileNotFoundError:
         return "missing", []
     if not names:
@@ -286,7 +292,10 @@ class ReportFolder:
         """Whether the folder itself may be renamed: its parent writable, not a mount
         point, and not this process's working folder or one above it (a shell in it
         would be left in the deleted backup)."""
-        cwd = os.getcwd()
+        try:
+            cwd = os.getcwd()
+        except OSError:  # this process's working folder was deleted: it is inside nothing
+            cwd = ""
         inside = cwd == str(self.real) or cwd.startswith(str(self.real).rstrip(os.sep) + os.sep)
         return os.access(self.real.parent, os.W_OK) and not os.path.ismount(self.real) and not inside
 

@@ -162,13 +162,13 @@ def plan(options: RunOptions, pm=None) -> Plan:
         chosen_metrics = host.select_metrics(measures, options.metrics)
     except KeyError as error:
         raise UsageError(str(error.args[0])) from None
-    if not any(r.technique.comparable for r in selected):
+    owners = {**{n: r.technique for n, r in available.items()}, **{n: r.metric for n, r in measures.items()}}
+    chosen = [r.technique.name for r in selected] + [r.metric.name for r in chosen_metrics]
+    if not any(r.technique.comparable for r in selected):  # nothing to measure: options still checked
         if options.metrics:
             print("vizkit: no CAM or attribution technique is selected, so no metric runs "
                   "(add one with -t, or -t explain for all)", file=sys.stderr)
         chosen_metrics = []
-    owners = {**{n: r.technique for n, r in available.items()}, **{n: r.metric for n, r in measures.items()}}
-    chosen = [r.technique.name for r in selected] + [r.metric.name for r in chosen_metrics]
     for name in options.config:
         if name not in owners:
             raise UsageError(f"config: no technique or metric {name!r} is installed; installed: {suggest(name, list(owners))}")
