@@ -7,6 +7,7 @@ import os
 import sys
 import tempfile
 import traceback
+from datetime import datetime, timezone
 from pathlib import Path
 
 import click
@@ -331,6 +332,66 @@ def demo(outdir, overwrite, quiet):
         raise click.UsageError(str(error)) from None
     click.echo(display_path(index))  # a name that is not UTF-8 cannot crash stdout
     sys.exit(ExitCode.FAILURES if report.failed else ExitCode.OK)
+
+
+COMPARE_HELP = """Compare two reports of `vizkit run`, BASE and NEW (folders or their
+report.json), and write a comparison (index.html, compare.json) into OUTDIR.
+
+Images are matched by sha256. It lists the images whose top-1 class flipped (first),
+the score change of BASE's top-1 class, how similar each technique's maps are
+(Spearman and SSIM; needs --save-arrays on both runs, else it says so), the pairs that
+moved most side by side, failures in one report and not the other, and differences in
+model, preprocessing, versions and options. TensorFlow is not loaded.
+
+\b
+--fail-on EXPR (repeatable): exit 1 when any of these holds:
+  flips>N, flips>=N       images whose top-1 class changed
+  failures>N              failures in NEW that BASE did not have
+  similarity<X            some technique's mean Spearman is below X
+  TECHNIQUE.similarity<X  that technique's (e.g. gradcam.similarity<0.8)
+A similarity condition with no maps to compare (no arrays.npz) holds.
+
+\b
+Exit status: 0 within thresholds; 1 a --fail-on condition holds (each is
+listed); 2 bad arguments (unreadable report, bad --fail-on); 3 internal error;
+4 the comparison could not be written.
+"""
+
+
+@main.command(help=COMPARE_HELP)
+@click.argument("base", type=click.Path(path_type=Path))
+@click.argument("new", type=click.Path(path_type=Path))
+@click.option("-o", "--outdir", type=click.Path(file_okay=False, path_type=Path), help="Comparison folder; default: a new reports/compare-<time>.")
+@click.option("--fail-on", "fail_on", multiple=True, metavar="EXPR", help="Exit 1 when this holds: flips>N, flips>=N, failures>N, similarity<X, TECHNIQUE.similarity<X (repeatable).")
+@click.option("--overwrite", is_flag=True, help="Write into -o even if it holds files vizkit did not write.")
+@click.option("-q", "--quiet", is_flag=True, help="No summary on stdout, only the page's path.")
+def compare(base, new, outdir, fail_on, overwrite, quiet):
+    from vizkit import compare as comparing
+    from vizkit import compare_render, report_folder
+    from vizkit.runner import check_outdir, default_outdir, source_date
+
+    try:
+        conditions = [comparing.parse_condition(text) for text in fail_on]
+        loaded_base, loaded_new = comparing.load_report(base), comparing.load_report(new)
+        created = source_date()
+        if outdir is not None:
+            folder = check_outdir(outdir, overwrite=overwrite or comparing.is_comparison_folder(outdir))
+        else:
+            stamp = created or datetime.now(tz=timezone.utc).replace(microsecond=0)
+            folder = report_folder.claim_new(lambda: default_outdir("compare", stamp))
+    except (comparing.CompareError, UsageError) as error:
+        raise click.UsageError(str(error)) from None
+    with folder:
+        result = comparing.compare(loaded_base, loaded_new, created)
+        held = comparing.check(result.data, conditions)
+        index = compare_render.write(result, folder, held)
+    if not quiet:
+        for line in comparing.summary_lines(result.data):
+            click.echo(printable(line))
+    for line in held:
+        click.echo(printable(f"vizkit: --fail-on {line}"), err=True)
+    click.echo(display_path(index))
+    sys.exit(ExitCode.FAILURES if held else ExitCode.OK)
 
 
 if __name__ == "__main__":  # python -m vizkit.cli, as the benchmarks run it
