@@ -39,6 +39,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np
 
+from bench_explainers import load_average  # this folder is on sys.path when run as a script
+
 
 def in_turns(calls: dict, repeat: int) -> dict:
     """Seconds of each of ``calls`` (name → function), after one warm-up call of each, the
@@ -52,13 +54,6 @@ def in_turns(calls: dict, repeat: int) -> dict:
             call()
             times[name].append(time.perf_counter() - began)
     return {name: {"best": min(t), "median": statistics.median(t)} for name, t in times.items()}
-
-
-def load_average() -> str:
-    try:
-        return " ".join(f"{x:.1f}" for x in os.getloadavg())
-    except OSError:
-        return "?"
 
 
 def main() -> None:
