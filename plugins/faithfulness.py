@@ -1,8 +1,8 @@
 """faithfulness: deletion and insertion curves (Petsiuk et al. 2018, the RISE paper).
 
 Does the map point at what the model uses? Rank the image's P = H·W pixels by the map,
-highest first (ties: the earlier pixel in row-major order first, a stable argsort of
-−map), and take k + 1 steps i = 0..k, each touching the first n_i = round(i·P/k) pixels
+highest first (ties in a seeded random order: a ReLU'd CAM is 0 over large areas, and
+taking those row by row would delete the top of the image first), and take k + 1 steps i = 0..k, each touching the first n_i = round(i·P/k) pixels
 (all channels of a pixel together):
 
 * **deletion**: the image with its first n_i pixels replaced by the substrate;
@@ -50,7 +50,7 @@ In a notebook::
     auc(deletion), auc(insertion)        # one number per image
 
 ``deletion_insertion(model, pixels, maps, classes=None, preprocess, steps=32,
-substrate="blur", sigma=None, per_pass=64)`` takes N×H×W×C 0-255 pixels and N maps
+substrate="blur", sigma=None, per_pass=64, seed=0)`` takes N×H×W×C 0-255 pixels and N maps
 (h×w, resized bilinearly to H×W, or H×W×C attributions) and returns two N×(k+1) float64
 arrays of probabilities; ``classes`` None explains each image's top-1 class. For a
 random baseline, pass random maps.
@@ -123,11 +123,18 @@ def substrate_image(image: np.ndarray, substrate: str = "blur", sigma: float | N
 # -- rankings ---------------------------------------------------------------------------------
 
 
-def pixel_ranks(ranking: np.ndarray) -> np.ndarray:
+def pixel_ranks(ranking: np.ndarray, seed: int | None = None) -> np.ndarray:
     """H×W int64: each pixel's place in the order of deletion (0 first), by the map's value,
-    highest first; ties in row-major order (a stable argsort of −map)."""
+    highest first; ties in row-major order, or with ``seed`` in a random order drawn from
+    the seed and the map's shape (the same for every map of that shape: no spatial bias,
+    and equal maps still rank equally)."""
     ranking = np.asarray(ranking, dtype="float32")
-    order = np.argsort(-ranking.ravel(), kind="stable")
+    values = -ranking.ravel()
+    if seed is None:
+        order = np.argsort(values, kind="stable")
+    else:
+        shuffle = np.random.default_rng([int(seed), *ranking.shape]).permutation(values.size)
+        order = shuffle[np.argsort(values[shuffle], kind="stable")]
     ranks = np.empty(order.size, dtype="int64")
     ranks[order] = np.arange(order.size)
     return ranks.reshape(ranking.shape)
@@ -183,6 +190,7 @@ def image_curves(
 def deletion_insertion(
     model, pixels: np.ndarray, maps: Sequence[np.ndarray] | np.ndarray, classes: int | Sequence[int] | None = None,
     preprocess=_identity, steps: int = 32, substrate: str = "blur", sigma: float | None = None, per_pass: int = 64,
+    seed: int = 0,
 ) -> tuple[np.ndarray, np.ndarray]:
     """(deletion, insertion): N×(steps+1) float64 curves of p_c for 0-255 ``pixels``
     (N×H×W×C) ranked by ``maps`` (one per image: h×w, resized bilinearly, or h×w×C,
@@ -190,7 +198,8 @@ def deletion_insertion(
 
     ``classes``: one for all, one per image, or None for each image's top-1 class.
     ``substrate`` and ``sigma`` as :func:`substrate_image`. Pass random maps for a
-    random baseline; :func:`auc` turns the curves into the metric's numbers.
+    random baseline; :func:`auc` turns the curves into the metric's numbers. ``seed``
+    orders tied pixels, as the metric's ``seed`` does.
     """
     graph = vizkit.ModelGraph.of(model)
     kit.require_classifier(graph, "deletion/insertion")
@@ -210,7 +219,7 @@ def deletion_insertion(
     deletion = np.zeros((len(pixels), steps + 1))
     insertion = np.zeros((len(pixels), steps + 1))
     for n, image in enumerate(pixels):
-        ranks = pixel_ranks(kit.explanation_map(maps[n], height, width))
+        ranks = pixel_ranks(kit.explanation_map(maps[n], height, width), seed)
         canvas = substrate_image(image, substrate, sigma)
         deletion[n], insertion[n] = image_curves(graph, image, canvas, ranks, int(targets[n]), preprocess, steps, per_pass)
     return deletion, insertion
@@ -269,7 +278,7 @@ def evaluate(context: RunContext, explanation: Explanation) -> list[Measurement]
         sigma = params["sigma"] or default_sigma(height, width)
         canvas = substrate_image(pixels, params["substrate"], sigma)
         target = _target(graph, image, artifact.target)
-        ranks = pixel_ranks(kit.explanation_map(artifact.array, height, width))
+        ranks = pixel_ranks(kit.explanation_map(artifact.array, height, width), seed)
         deletion, insertion = image_curves(graph, pixels, canvas, ranks, target, context.preprocess, steps, per_pass)
 
         identity = image.sha256 or hashlib.sha256(np.ascontiguousarray(pixels).tobytes()).hexdigest()
@@ -334,7 +343,7 @@ METRIC = Metric(
         Option("steps", int, 32, "steps k: each removes or reveals 1/k of the pixels (k + 1 scored copies per curve)", minimum=2, maximum=1024),
         Option("substrate", str, "blur", "what removed pixels show: blur (RISE's insertion canvas), black (0 before preprocessing) or mean (each channel's)", choices=SUBSTRATES),
         Option("sigma", float, None, "blur σ in input pixels; default: RISE's 5 px at 224, scaled to the shorter side", minimum=0.1),
-        Option("seed", int, 0, "seed of the random baseline's map (with each image's sha256)", minimum=0),
+        Option("seed", int, 0, "seed of the random baseline's map (with each image's sha256) and of the order of tied pixels", minimum=0),
         Option("grid", int, 7, "the random baseline's map: grid×grid random values upsampled (a CAM's coarseness)", minimum=1, maximum=512),
         Option("per_pass", int, 64, "masked copies per forward pass", minimum=1, check=_check_per_pass),
     ),

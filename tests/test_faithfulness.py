@@ -237,6 +237,14 @@ def test_the_blur_kernel_is_rises_gkern():
 def test_ranks_ties_and_step_counts():
     ranking = np.array([[0.5, 1.0, 0.5], [1.0, 0.0, 0.5]], "float32")
     np.testing.assert_array_equal(faithfulness.pixel_ranks(ranking), [[2, 0, 3], [1, 5, 4]])  # ties row-major
+    # with a seed, ties in a random order drawn from the seed and the shape: values still rule
+    seeded = faithfulness.pixel_ranks(ranking, seed=0)
+    assert {int(seeded[0, 1]), int(seeded[1, 0])} == {0, 1} and seeded[1, 1] == 5
+    np.testing.assert_array_equal(seeded, faithfulness.pixel_ranks(ranking.copy(), seed=0))
+    flat = faithfulness.pixel_ranks(np.zeros((16, 16)), seed=0)  # a map that is 0 everywhere
+    assert sorted(flat.ravel()) == list(range(256))
+    top_half_first = (flat[:8] < 128).mean()  # row-major would delete the top half first: 1.0
+    assert 0.3 < top_half_first < 0.7
     np.testing.assert_array_equal(faithfulness.step_counts(10, 4), [0, 3, 5, 8, 10])  # round(2.5) = 3, round(7.5) = 8
     assert faithfulness.auc([0.0, 1.0, 1.0]) == 0.75
     shuffled = faithfulness.random_map(14, 21, 7, 0, "ab" * 32)
