@@ -39,6 +39,7 @@ _LAZY = {
     "LayerInfo": "vizkit.layers",
     "LayerError": "vizkit.layers",
     "ExitCode": "vizkit.exitcodes",
+    "ComparisonMetric": "vizkit.compare",
     "Report": "vizkit.report",
     "RunOptions": "vizkit.runner",
     "UsageError": "vizkit.runner",

@@ -141,9 +141,11 @@ def main():
 @click.option("--output", "output", metavar="NAME", help=OUTPUT_HELP)
 @click.option("--save-arrays", is_flag=True, help="Also write arrays.npz with the raw numbers of every picture.")
 @click.option("--config", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="Technique options from a TOML file; default: [tool.vizkit] in ./pyproject.toml.")
+@click.option("--max-report-mb", "max_report_mb", type=click.FloatRange(min=0, min_open=True), metavar="N",
+              help="Fail (exit 2, nothing written) when the report would be larger than N MB (10**6 bytes), all its files together.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress messages.")
 @plugin_options
-def run(model, inputs, techniques, metrics, no_metrics, outdir, preprocess, settings, weights, size, labels, output, save_arrays, config, quiet, plugins, disabled, overwrite):
+def run(model, inputs, techniques, metrics, no_metrics, outdir, preprocess, settings, weights, size, labels, output, save_arrays, config, max_report_mb, quiet, plugins, disabled, overwrite):
     """Apply techniques to MODEL for the images INPUTS (files or folders) and write a report.
 
     MODEL is a .keras or .h5 file, a keras.applications name (vgg16, resnet50,
@@ -151,7 +153,8 @@ def run(model, inputs, techniques, metrics, no_metrics, outdir, preprocess, sett
 
     \b
     Exit status: 0 all fine; 1 the report was written, but an image, a technique
-    or a report hook failed; 2 bad arguments (nothing written); 3 internal error;
+    or a report hook failed; 2 bad arguments (nothing written; also a report over
+    --max-report-mb, found after the work); 3 internal error;
     4 the report could not be written (disk full; the folder is as it was);
     130 interrupted (Ctrl-C).
     """
@@ -176,6 +179,7 @@ def run(model, inputs, techniques, metrics, no_metrics, outdir, preprocess, sett
         save_arrays=save_arrays,
         overwrite=overwrite,
         output=output,
+        max_report_mb=max_report_mb,
     )
     try:
         report, index = run_report(model, list(inputs), options, outdir, progress=_progress(quiet), pm=pm)
@@ -349,7 +353,11 @@ model, preprocessing, versions and options. TensorFlow is not loaded.
   failures>N              failures in NEW that BASE did not have
   similarity<X            some technique's mean Spearman is below X
   TECHNIQUE.similarity<X  that technique's (e.g. gradcam.similarity<0.8)
-A similarity condition with no maps to compare (no arrays.npz) holds.
+  NAME<X, TECHNIQUE.NAME<X  a comparison metric's mean (ssim, or a plugin's;
+                          NAME>X for one that is better lower)
+A metric condition with nothing to test (no arrays.npz; the metric raised) holds.
+A comparison metric of a plugin that raises costs only its own numbers (listed
+under errors); the exit status changes only through a --fail-on on it.
 
 \b
 Exit status: 0 within thresholds; 1 a --fail-on condition holds (each is
@@ -362,16 +370,22 @@ listed); 2 bad arguments (unreadable report, bad --fail-on); 3 internal error;
 @click.argument("base", type=click.Path(path_type=Path))
 @click.argument("new", type=click.Path(path_type=Path))
 @click.option("-o", "--outdir", type=click.Path(file_okay=False, path_type=Path), help="Comparison folder; default: a new reports/compare-<time>.")
-@click.option("--fail-on", "fail_on", multiple=True, metavar="EXPR", help="Exit 1 when this holds: flips>N, flips>=N, failures>N, similarity<X, TECHNIQUE.similarity<X (repeatable).")
+@click.option("--fail-on", "fail_on", multiple=True, metavar="EXPR", help="Exit 1 when this holds: flips>N, flips>=N, failures>N, similarity<X, TECHNIQUE.similarity<X, [TECHNIQUE.]NAME<X for a comparison metric (repeatable).")
 @click.option("--overwrite", is_flag=True, help="Write into -o even if it holds files vizkit did not write.")
 @click.option("-q", "--quiet", is_flag=True, help="No summary on stdout, only the page's path.")
-def compare(base, new, outdir, fail_on, overwrite, quiet):
+@plugin_options
+def compare(base, new, outdir, fail_on, overwrite, quiet, plugins, disabled):
     from vizkit import compare as comparing
     from vizkit import compare_render, report_folder
     from vizkit.runner import check_outdir, default_outdir, source_date
 
+    pm = _host(plugins, disabled)
     try:
-        conditions = [comparing.parse_condition(text) for text in fail_on]
+        metrics = {name: (r.metric, r.plugin) for name, r in host.comparison_metrics(pm).items()}
+    except host.PluginError as error:
+        raise click.UsageError(str(error)) from None
+    try:
+        conditions = [comparing.parse_condition(text, metrics) for text in fail_on]
         loaded_base, loaded_new = comparing.load_report(base), comparing.load_report(new)
         created = source_date()
         if outdir is not None:
@@ -382,12 +396,14 @@ def compare(base, new, outdir, fail_on, overwrite, quiet):
     except (comparing.CompareError, UsageError) as error:
         raise click.UsageError(str(error)) from None
     with folder:
-        result = comparing.compare(loaded_base, loaded_new, created)
+        result = comparing.compare(loaded_base, loaded_new, created, metrics)
         held = comparing.check(result.data, conditions)
         index = compare_render.write(result, folder, held)
     if not quiet:
         for line in comparing.summary_lines(result.data):
             click.echo(printable(line))
+    for line in result.data["errors"]:
+        click.echo(printable(f"vizkit: {line}"), err=True)
     for line in held:
         click.echo(printable(f"vizkit: --fail-on {line}"), err=True)
     click.echo(display_path(index))

@@ -27,7 +27,7 @@ import zipfile
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -63,13 +63,65 @@ COMPARED_FIELDS = (
 CONDITION_HELP = (
     "flips>N, flips>=N (images whose top-1 class changed), failures>N (techniques, "
     "images or technique-image pairs that failed in NEW and not in BASE), similarity<X "
-    "(some technique's mean Spearman over its images is below X) or "
-    "TECHNIQUE.similarity<X (that technique's), e.g. --fail-on flips>0 --fail-on gradcam.similarity<0.8"
+    "(some technique's mean Spearman over its images is below X), "
+    "TECHNIQUE.similarity<X (that technique's), or NAME<X / TECHNIQUE.NAME<X for a comparison "
+    "metric NAME (ssim, or a plugin's; NAME>X for one that is better lower), "
+    "e.g. --fail-on flips>0 --fail-on gradcam.similarity<0.8"
 )
 
 
 class CompareError(ValueError):
     """An input that cannot be compared (a usage error: the CLI exits 2)."""
+
+
+_METRIC_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
+#: Names ``--fail-on`` gives its own meaning; no comparison metric may take them.
+RESERVED_NAMES = ("flips", "failures", "similarity")
+
+
+@dataclass(frozen=True)
+class ComparisonMetric:
+    """A number saying how the map of one technique for one image differs between BASE
+    and NEW, registered by a plugin's ``register_comparisons`` hook.
+
+    ``compare(base_map, new_map)`` gets the two maps as 2-D float arrays of the same
+    shape (:func:`vizkit.kit.explanation_map` of the saved arrays, both at the smaller
+    of the two resolutions) and returns a float. It runs on every comparable technique
+    and image in both reports (``--save-arrays`` on both sides); the comparison shows
+    its mean and lowest value per technique, and ``--fail-on NAME<X`` (``better="higher"``)
+    or ``--fail-on NAME>X`` (``better="lower"``), optionally ``TECHNIQUE.NAME…``, tests
+    the mean. A non-finite result counts as no value; an exception costs only this
+    metric's numbers (recorded in ``compare.json``'s ``errors``). vizkit's own
+    ``spearman`` and ``ssim`` are registered this way.
+    """
+
+    #: Lowercase letters, digits and ``_``; not flips, failures nor similarity.
+    name: str
+    #: One line, shown in the comparison.
+    description: str
+    #: ``compare(base_map, new_map) -> float``.
+    compare: Callable[[np.ndarray, np.ndarray], float]
+    #: ``"higher"`` (1 for identical maps, as a similarity) or ``"lower"`` (0, as a distance).
+    better: str = "higher"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not _METRIC_NAME.match(self.name) or self.name in RESERVED_NAMES:
+            raise ValueError(f"comparison metric name {self.name!r}: lowercase letters, digits and _, "
+                             f"not {', '.join(RESERVED_NAMES)}")
+        if self.better not in ("higher", "lower"):
+            raise ValueError(f"comparison metric {self.name}: better is 'higher' or 'lower', not {self.better!r}")
+        if not callable(self.compare):
+            raise TypeError(f"comparison metric {self.name}: compare must be callable")
+
+
+def default_comparison_metrics() -> dict[str, tuple[ComparisonMetric, str]]:
+    """vizkit's own comparison metrics, as :func:`vizkit.host.comparison_metrics` lists
+    them, for :func:`compare` called without a plugin host."""
+    from vizkit.plugins import comparisons
+
+    found: dict[str, tuple[ComparisonMetric, str]] = {}
+    comparisons.register_comparisons(lambda m: found.setdefault(m.name, (m, "vizkit.plugins.comparisons")))
+    return found
 
 
 # --------------------------------------------------------------------------- reading
@@ -266,9 +318,39 @@ def _enlarge(picture: np.ndarray) -> np.ndarray:
     return np.repeat(np.repeat(picture, factor, axis=0), factor, axis=1)
 
 
+def _measure(metrics: dict, mb: np.ndarray, mn: np.ndarray, technique: str, errors: dict) -> dict:
+    """Each comparison metric on one pair; a raising one costs only its own value."""
+    values: dict[str, float | None] = {}
+    for name, (metric, plugin) in metrics.items():
+        try:
+            values[name] = _round(float(metric.compare(mb.copy(), mn.copy())))
+        except KeyboardInterrupt:
+            raise
+        except BaseException as error:  # someone else's plugin: record it, keep going
+            values[name] = None
+            line = f"plugin {plugin}, comparison {name}: {type(error).__name__}: {error}".strip()
+            errors.setdefault((technique, name), line)
+    return values
+
+
+def _sort_key(metrics: dict):
+    """Pairs that moved most first: by Spearman if registered, else the first metric."""
+    if not metrics:
+        return lambda p: (str(p["path"]), p["layer"] or "")
+    name = "spearman" if "spearman" in metrics else next(iter(metrics))
+    sign = 1.0 if metrics[name][0].better == "higher" else -1.0
+
+    def key(p):
+        value = p["metrics"].get(name)
+        return (0, sign * value) if value is not None else (1, 0.0), str(p["path"]), p["layer"] or ""
+
+    return key
+
+
 def _similarity(base: LoadedReport, new: LoadedReport, base_images: dict, new_images: dict,
-                shared: list[str], comparison: Comparison) -> tuple[list[dict], list[str]]:
+                shared: list[str], comparison: Comparison, metrics: dict) -> tuple[list[dict], list[str], list[str]]:
     notes = []
+    errors: dict[tuple[str, str], str] = {}
     shared_set = set(shared)
     missing = [r.arrays_problem for r in (base, new) if r.arrays is None]
     if missing:
@@ -305,28 +387,33 @@ def _similarity(base: LoadedReport, new: LoadedReport, base_images: dict, new_im
                 mb, mn = kit.explanation_map(xb), kit.explanation_map(xn)
                 h, w = min(mb.shape[0], mn.shape[0]), min(mb.shape[1], mn.shape[1])
                 mb, mn = kit.explanation_map(mb, h, w), kit.explanation_map(mn, h, w)
-                rho, structural = kit.spearman(mb, mn), kit.ssim(mb, mn)
             except (ValueError, OSError, zipfile.BadZipFile) as error:  # a damaged or odd array
                 problems.append(f"{path}: {error}")
                 continue
+            values = _measure(metrics, mb, mn, str(name), errors)
             pair = {"path": path, "sha256": sha, "layer": None if layer == "None" else layer, "shape": [h, w],
-                    "spearman": _round(rho), "ssim": _round(structural)}
+                    "spearman": values.get("spearman"), "ssim": values.get("ssim"), "metrics": values}
             pairs.append(pair)
             comparison.pictures[f"{name}/{sha}/{layer}"] = {
                 "base": _enlarge(kit.colorize(_unit(mb))),
                 "new": _enlarge(kit.colorize(_unit(mn))),
                 "difference": _enlarge(_diverging(_unit(mn) - _unit(mb))),
             }
-        pairs.sort(key=lambda p: (p["spearman"] if p["spearman"] is not None else -2.0, str(p["path"]), p["layer"] or ""))
-        rhos = [p["spearman"] for p in pairs if p["spearman"] is not None]
-        ssims = [p["ssim"] for p in pairs if p["ssim"] is not None]
+        pairs.sort(key=_sort_key(metrics))
+        summaries = {}
+        for metric_name, (metric, _plugin) in metrics.items():
+            values = [p["metrics"][metric_name] for p in pairs if p["metrics"].get(metric_name) is not None]
+            worst = (min if metric.better == "higher" else max)(values) if values else None
+            summaries[metric_name] = {"mean": _round(float(np.mean(values))) if values else None,
+                                      "worst": _round(worst), "compared": len(values)}
         rows.append({
             "technique": name,
             "pairs_in_both": len(set(ab) & set(an)),
             "compared": len(pairs),
-            "mean_spearman": _round(float(np.mean(rhos))) if rhos else None,
-            "min_spearman": _round(min(rhos)) if rhos else None,
-            "mean_ssim": _round(float(np.mean(ssims))) if ssims else None,
+            "mean_spearman": summaries.get("spearman", {}).get("mean"),
+            "min_spearman": summaries.get("spearman", {}).get("worst"),
+            "mean_ssim": summaries.get("ssim", {}).get("mean"),
+            "metrics": summaries,
             "problems": problems,
             "pairs": pairs,
             "moved": [f"{name}/{p['sha256']}/{p['layer']}" for p in pairs[:MOVED_PER_TECHNIQUE]],
@@ -334,7 +421,7 @@ def _similarity(base: LoadedReport, new: LoadedReport, base_images: dict, new_im
     # Pictures of pairs not shown are not kept.
     shown = {key for row in rows for key in row["moved"]}
     comparison.pictures = {k: v for k, v in comparison.pictures.items() if k in shown}
-    return rows, notes
+    return rows, notes, [errors[key] for key in sorted(errors)]
 
 
 def _side(loaded: LoadedReport) -> dict:
@@ -350,13 +437,20 @@ def _side(loaded: LoadedReport) -> dict:
     }
 
 
-def compare(base: LoadedReport, new: LoadedReport, created: datetime | None = None) -> Comparison:
-    """Compare two loaded reports; ``created`` dates the comparison (default: now)."""
+def compare(base: LoadedReport, new: LoadedReport, created: datetime | None = None,
+            metrics: dict[str, tuple[ComparisonMetric, str]] | None = None) -> Comparison:
+    """Compare two loaded reports; ``created`` dates the comparison (default: now).
+
+    ``metrics``: name → (:class:`ComparisonMetric`, plugin) to compare the maps with, as
+    the plugin host registers them (``{n: (r.metric, r.plugin) for n, r in
+    host.comparison_metrics(pm).items()}``); None: vizkit's own (Spearman, SSIM).
+    """
     created = created or datetime.now(tz=timezone.utc).replace(microsecond=0)
+    metrics = dict(sorted((default_comparison_metrics() if metrics is None else metrics).items()))
     comparison = Comparison(data={})
     base_images, new_images = _by_sha(base.data["images"]), _by_sha(new.data["images"])
     shared = sorted(set(base_images) & set(new_images))
-    techniques, notes = _similarity(base, new, base_images, new_images, shared, comparison)
+    techniques, notes, errors = _similarity(base, new, base_images, new_images, shared, comparison, metrics)
     comparison.data = {
         "format": FORMAT,
         "vizkit_version": __version__,
@@ -371,6 +465,9 @@ def compare(base: LoadedReport, new: LoadedReport, created: datetime | None = No
             "only_in_new": sorted((_entry(new_images[s]) for s in set(new_images) - set(base_images)), key=lambda e: (str(e["path"]), e["sha256"])),
         },
         "predictions": _predictions(base_images, new_images, shared),
+        "comparisons": [{"name": n, "description": m.description, "better": m.better, "plugin": p}
+                        for n, (m, p) in metrics.items()],
+        "errors": errors,
         "similarity": techniques,
         "failures": _failures(base.data, new.data, base_images, new_images, shared),
     }
@@ -380,40 +477,56 @@ def compare(base: LoadedReport, new: LoadedReport, created: datetime | None = No
 # --------------------------------------------------------------------------- --fail-on
 
 _CONDITION = re.compile(
-    r"^\s*(?:(?P<technique>[^\s.<>=]+)\.)?(?P<name>flips|failures|similarity)\s*(?P<op>>=|>|<)\s*(?P<value>[0-9]*\.?[0-9]+)\s*$"
+    r"^\s*(?:(?P<technique>[^\s.<>=]+)\.)?(?P<name>[a-z][a-z0-9_]*)\s*(?P<op>>=|>|<)\s*(?P<value>-?[0-9]*\.?[0-9]+)\s*$"
 )
 
 
 @dataclass(frozen=True)
 class Condition:
     text: str
-    name: str  # flips | failures | similarity
+    name: str  # flips | failures | a comparison metric's name (similarity: spearman)
     op: str  # > >= <
     value: float
     technique: str | None = None
 
 
-def parse_condition(text: str) -> Condition:
-    """One ``--fail-on`` expression; CompareError naming the grammar if it is not one."""
+def parse_condition(text: str, metrics: dict | None = None) -> Condition:
+    """One ``--fail-on`` expression; CompareError naming the grammar if it is not one.
+
+    ``metrics``: the comparison metrics by name, as :func:`compare` takes them (None:
+    vizkit's own). ``similarity`` stands for ``spearman``. A metric whose ``better`` is
+    ``"higher"`` takes ``<`` (NAME<X: its mean fell below X), one whose ``better`` is
+    ``"lower"`` takes ``>``.
+    """
+    metrics = default_comparison_metrics() if metrics is None else metrics
     match = _CONDITION.match(text)
-    fix = f"write one of {CONDITION_HELP}"
+    names = ", ".join(f"{n}{'<' if m.better == 'higher' else '>'}X" for n, (m, _) in sorted(metrics.items()))
+    fix = f"write one of {CONDITION_HELP}" + (f"; comparison metrics: {names}" if names else "")
     if not match:
         raise CompareError(f"--fail-on {text!r} is not a condition: {fix}")
     name, op, technique = match["name"], match["op"], match["technique"]
     value = float(match["value"])
-    if name == "similarity" and op != "<":
-        raise CompareError(f"--fail-on {text!r}: similarity takes <, as in similarity<0.8: {fix}")
-    if name != "similarity" and (op == "<" or technique is not None):
-        raise CompareError(f"--fail-on {text!r}: {name} takes > or >= and no technique, as in {name}>0: {fix}")
-    if name != "similarity" and not value.is_integer():
-        raise CompareError(f"--fail-on {text!r}: {name} counts, so N is a whole number: {fix}")
-    return Condition(text.strip(), name, op, value, technique)
+    if name in ("flips", "failures"):
+        if op == "<" or technique is not None:
+            raise CompareError(f"--fail-on {text!r}: {name} takes > or >= and no technique, as in {name}>0: {fix}")
+        if not value.is_integer() or value < 0:
+            raise CompareError(f"--fail-on {text!r}: {name} counts, so N is a whole number: {fix}")
+        return Condition(text.strip(), name, op, value, technique)
+    metric_name = "spearman" if name == "similarity" else name
+    if metric_name not in metrics:
+        raise CompareError(f"--fail-on {text!r}: no comparison metric {name!r}: {fix}")
+    better = metrics[metric_name][0].better
+    wanted = "<" if better == "higher" else ">"
+    if op != wanted:
+        raise CompareError(f"--fail-on {text!r}: {name} is better {better}, so it takes {wanted}, "
+                           f"as in {name}{wanted}{0.8 if wanted == '<' else 0.2}: {fix}")
+    return Condition(text.strip(), metric_name, op, value, technique)
 
 
 def check(comparison: dict, conditions: list[Condition]) -> list[str]:
     """The conditions that hold, each as a line saying why (empty: within thresholds).
-    A similarity condition with no map to compare holds: a threshold CI relies on must
-    not pass silently because ``--save-arrays`` was forgotten."""
+    A metric condition with no value to test holds (no maps: ``--save-arrays`` was
+    forgotten; the metric raised): a threshold CI relies on must not pass silently."""
     held = []
     for condition in conditions:
         if condition.name in ("flips", "failures"):
@@ -423,16 +536,27 @@ def check(comparison: dict, conditions: list[Condition]) -> list[str]:
                 what = "top-1 flip(s)" if condition.name == "flips" else "new failure(s)"
                 held.append(f"{condition.text}: {count} {what}")
             continue
+        name = condition.name
+
+        def mean(row: dict, name: str = name) -> float | None:
+            summary = (row.get("metrics") or {}).get(name)
+            return summary.get("mean") if summary else row.get(f"mean_{name}")
+
         rows = [r for r in comparison["similarity"] if condition.technique in (None, r["technique"])]
-        measured = [r for r in rows if r["mean_spearman"] is not None]
+        measured = [(r, mean(r)) for r in rows if mean(r) is not None]
         if not measured:
-            why = "; ".join(comparison["notes"]) or (
+            raised = [e for e in comparison.get("errors", []) if f", comparison {name}:" in e]
+            why = "; ".join(comparison["notes"] + raised) or (
                 f"{condition.technique} was not compared in both reports" if condition.technique else "no technique's maps were compared")
-            held.append(f"{condition.text}: no maps to compare ({why})")
+            held.append(f"{condition.text}: " + (f"no {name} to test" if raised else "no maps to compare") + f" ({why})")
             continue
-        low = [r for r in measured if r["mean_spearman"] < condition.value]
-        if low:
-            held.append(f"{condition.text}: " + ", ".join(f"{r['technique']} mean Spearman {r['mean_spearman']:.3f}" for r in low))
+        label = {"spearman": "Spearman", "ssim": "SSIM"}.get(name, name)
+        if condition.op == "<":
+            bad = [(r, v) for r, v in measured if v < condition.value]
+        else:
+            bad = [(r, v) for r, v in measured if (v > condition.value if condition.op == ">" else v >= condition.value)]
+        if bad:
+            held.append(f"{condition.text}: " + ", ".join(f"{r['technique']} mean {label} {v:.3f}" for r, v in bad))
     return held
 
 
@@ -441,11 +565,14 @@ def summary_lines(comparison: dict) -> list[str]:
     p = comparison["predictions"]
     lines = [f"flips: {p['flips']} of {p['compared']} image(s) in both reports"]
     for row in comparison["similarity"]:
-        if row["mean_spearman"] is None:
+        if not any(m["mean"] is not None for m in row["metrics"].values()):
             lines.append(f"{row['technique']}: maps not compared")
         else:
-            lines.append(f"{row['technique']}: mean Spearman {row['mean_spearman']:.3f}, mean SSIM {row['mean_ssim']:.3f} over {row['compared']} image(s)")
+            means = [f"mean {'Spearman' if n == 'spearman' else 'SSIM' if n == 'ssim' else n} {m['mean']:.3f}"
+                     for n, m in row["metrics"].items() if m["mean"] is not None]
+            lines.append(f"{row['technique']}: {', '.join(means)} over {row['compared']} image(s)")
     lines.append(f"new failures: {len(comparison['failures']['new'])}")
+    lines.extend(f"error: {error}" for error in comparison.get("errors", []))
     lines.extend(f"note: {note}" for note in comparison["notes"])
     return lines
 

@@ -12,6 +12,7 @@ from typing import Callable
 
 import pluggy
 
+from vizkit.compare import ComparisonMetric
 from vizkit.extension import ModelLoader, ReportSection
 from vizkit.metric import Metric
 from vizkit.report import Report
@@ -35,6 +36,15 @@ def register_metrics(register: Callable[[Metric], None]) -> None:
 
     vizkit's deletion/insertion curves and its model randomization check are registered
     this way; each metric runs on every comparable technique of a run.
+    """
+
+
+@hookspec
+def register_comparisons(register: Callable[[ComparisonMetric], None]) -> None:
+    """Register comparison metrics for ``vizkit compare``: ``register(ComparisonMetric(...))``.
+
+    Each one runs on every comparable technique and image in both reports, on the two
+    maps at a common resolution; vizkit's Spearman and SSIM are registered this way.
     """
 
 

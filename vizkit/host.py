@@ -23,6 +23,7 @@ from typing import Any, Iterable
 import pluggy
 
 from vizkit import __version__, hookspecs
+from vizkit.compare import ComparisonMetric
 from vizkit.extension import ModelLoader
 from vizkit.metric import Metric
 from vizkit.technique import Technique, suggest
@@ -38,6 +39,7 @@ BUILTIN_PLUGINS = (
     "vizkit.plugins.cam_family",
     "vizkit.plugins.faithfulness",
     "vizkit.plugins.randomization",
+    "vizkit.plugins.comparisons",
     "vizkit.plugins.keras_models",
     "vizkit.plugins.efficientnet_lite",
 )
@@ -238,6 +240,7 @@ def _check_registrations(host: PluginHost, strict: bool) -> None:
         try:
             techniques(host)
             _loader_registry(host)
+            comparison_metrics(host)
             return
         except PluginError as error:
             origin = host.origins.get(error.plugin or "")
@@ -419,6 +422,18 @@ def select_metrics(available: dict[str, RegisteredMetric], names: list[str] | No
     return [available[name] for name in dict.fromkeys(names)]
 
 
+@dataclass(frozen=True)
+class RegisteredComparison:
+    metric: ComparisonMetric
+    plugin: str
+
+
+def comparison_metrics(host: PluginHost) -> dict[str, RegisteredComparison]:
+    """Every registered comparison metric by name (sorted), with the plugin that registered it."""
+    found = _collect(host, "register_comparisons", ComparisonMetric, lambda m: m.name, "comparison metric")
+    return {name: RegisteredComparison(m, plugin) for name, (m, plugin) in sorted(found.items())}
+
+
 def _loader_registry(host: PluginHost) -> dict[str, tuple[ModelLoader, str]]:
     return _collect(host, "register_model_loaders", ModelLoader, lambda m: m.scheme, "model scheme")
 
@@ -453,14 +468,19 @@ def select(
 
 
 def describe_plugins(host: PluginHost) -> list[dict]:
-    """Name, version, origin, hooks, techniques and model schemes of each plugin, broken
-    ones too, by name."""
-    by_plugin: dict[str, list[str]] = {}
-    for name, registered in techniques(host).items():
-        by_plugin.setdefault(registered.plugin, []).append(name)
-    measured_by: dict[str, list[str]] = {}
-    for name, registered in metrics(host).items():
-        measured_by.setdefault(registered.plugin, []).append(name)
+    """Name, version, origin, hooks, techniques, metrics, comparison metrics and model
+    schemes of each plugin, broken ones too, by name."""
+    def by_plugin(registry: dict) -> dict[str, list[str]]:
+        found: dict[str, list[str]] = {}
+        for name, registered in registry.items():
+            found.setdefault(registered.plugin, []).append(name)
+        return found
+
+    registered = {
+        "techniques": by_plugin(techniques(host)),
+        "metrics": by_plugin(metrics(host)),
+        "comparisons": by_plugin(comparison_metrics(host)),
+    }
     schemes: dict[str, list[str]] = {}
     for scheme, (_, plugin) in _loader_registry(host).items():
         schemes.setdefault(plugin, []).append(scheme)
@@ -474,8 +494,7 @@ def describe_plugins(host: PluginHost) -> list[dict]:
             "status": "ok",
             "error": None,
             "hooks": sorted(caller.name for caller in host.get_hookcallers(plugin)),
-            "techniques": by_plugin.get(name, []),
-            "metrics": measured_by.get(name, []),
+            **{kind: names.get(name, []) for kind, names in registered.items()},
             "model_loaders": sorted(schemes.get(name, [])),
         }
         for name, plugin in host.list_name_plugin()
@@ -484,7 +503,7 @@ def describe_plugins(host: PluginHost) -> list[dict]:
     rows += [
         {
             "name": b.name, "version": b.origin.version, "origin": b.origin.kind, "where": b.origin.where,
-            "status": "broken", "error": b.error, "hooks": [], "techniques": [], "metrics": [], "model_loaders": [],
+            "status": "broken", "error": b.error, "hooks": [], **{kind: [] for kind in registered}, "model_loaders": [],
         }
         for b in host.broken
     ]

@@ -113,6 +113,31 @@ def _npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
     return stream.getvalue()
 
 
+class ReportTooLarge(ValueError):
+    """The rendered report is larger than ``--max-report-mb`` allows: nothing was written.
+    ``size`` and ``limit`` in bytes."""
+
+    def __init__(self, size: int, limit: int, files: dict[str, int]):
+        self.size, self.limit, self.files = size, limit, files
+        parts = ", ".join(f"{name} {n / MB:.2f} MB" for name, n in sorted(files.items()))
+        super().__init__(
+            f"the report would be {size / MB:.2f} MB ({parts}), over --max-report-mb {limit / MB:g}: "
+            "nothing was written; raise --max-report-mb, or make it smaller: fewer images or techniques "
+            "(-t), no --save-arrays, fewer layers of the feature-map techniques"
+        )
+
+
+#: A megabyte as ``--max-report-mb`` counts it (10**6 bytes, as file managers show sizes).
+MB = 1_000_000
+
+
+def check_size(files: dict[str, bytes], max_bytes: int | None) -> None:
+    """ReportTooLarge when the files together exceed ``max_bytes`` (None: no limit)."""
+    size = sum(len(data) for data in files.values())
+    if max_bytes is not None and size > max_bytes:
+        raise ReportTooLarge(size, max_bytes, {name: len(data) for name, data in files.items()})
+
+
 def render_files(report: Report, theme: Theme | None = None) -> dict[str, bytes]:
     """The report's files, rendered in memory: name → bytes (``arrays.npz`` only when
     the report saves arrays)."""
@@ -125,7 +150,8 @@ def render_files(report: Report, theme: Theme | None = None) -> dict[str, bytes]
     return files
 
 
-def write(report: Report, outdir: Path | report_folder.ReportFolder, theme: Theme | None = None) -> Path:
+def write(report: Report, outdir: Path | report_folder.ReportFolder, theme: Theme | None = None,
+          max_bytes: int | None = None) -> Path:
     """Write the report into ``outdir``, as a whole; returns the path of index.html.
 
     Everything is rendered in memory first, then published: the folder ends up holding
@@ -133,9 +159,11 @@ def write(report: Report, outdir: Path | report_folder.ReportFolder, theme: Them
     failure (a full disk: ``report_folder.ReportNotWritten``; Ctrl-C), stays as it was.
     ``outdir`` is a folder a run claimed before its work (``report_folder.claim``), or a
     path, claimed here: a folder holding files vizkit did not write, or one another run
-    is writing, is then refused (``report_folder.FolderRefused``).
+    is writing, is then refused (``report_folder.FolderRefused``). ``max_bytes``: the
+    largest the files may be together; larger, :class:`ReportTooLarge` and nothing written.
     """
     files = render_files(report, theme)
+    check_size(files, max_bytes)
     if isinstance(outdir, report_folder.ReportFolder):
         return outdir.publish(files)
     with report_folder.claim(Path(outdir)) as folder:

@@ -69,6 +69,10 @@ class RunOptions:
     #: The output to explain (--output): its name or index, for a model with several
     #: outputs; None: the only one (several are then a UsageError that lists them).
     output: str | int | None = None
+    #: The largest the report may be, index.html, report.json and arrays.npz together,
+    #: in MB (10**6 bytes; --max-report-mb); None: no limit. A larger report is not
+    #: written: UsageError (exit 2) naming its size and the fix, after the work was done.
+    max_report_mb: float | None = None
 
     @property
     def is_reproducible(self) -> bool:
@@ -258,6 +262,8 @@ def run(
         raise UsageError("give plugins either in RunOptions or as a plugin host (pm), not both")
     planned = plan(options, pm)
     pm, selected, params, preprocess = planned.pm, planned.techniques, planned.params, planned.preprocess
+    if options.max_report_mb is not None and not options.max_report_mb > 0:
+        raise UsageError(f"--max-report-mb {options.max_report_mb}: give a size in MB above 0")
     folder = check_outdir(outdir, options.overwrite)
     try:
         labels = read_labels(options.labels) if options.labels else None
@@ -373,7 +379,12 @@ def run(
     folder = folder or report_folder.claim_new(lambda: default_outdir(loaded.name, created))
     outdir = folder.path
     progress(f"writing {display_path(outdir)}")
-    index = _write(report, folder, _apply_report_hooks(pm, report))
+    max_bytes = None if options.max_report_mb is None else int(options.max_report_mb * render.MB)
+    try:
+        index = _write(report, folder, _apply_report_hooks(pm, report), max_bytes)
+    except render.ReportTooLarge as error:
+        folder.release()  # nothing written; a folder this run created goes again
+        raise UsageError(str(error)) from None
     _, errors = pm.call("report_written", report=report, outdir=outdir, index=index)
     for error in errors:
         print(f"vizkit: {error}", file=sys.stderr)
@@ -381,23 +392,23 @@ def run(
     return report, index
 
 
-def _write(report: Report, folder: report_folder.ReportFolder, theme: render.Theme) -> Path:
+def _write(report: Report, folder: report_folder.ReportFolder, theme: render.Theme, max_bytes: int | None = None) -> Path:
     """Render and write the report, whole; the plugins' templates and CSS are dropped if
     they break it. ReportNotWritten (a full disk) and Ctrl-C pass through, the folder as
     it was; an error of vizkit's own carries ``vizkit_outdir``, for the CLI to name.
     """
     try:
         try:
-            return render.write(report, folder, theme)
-        except (KeyboardInterrupt, report_folder.ReportNotWritten):
+            return render.write(report, folder, theme, max_bytes)
+        except (KeyboardInterrupt, report_folder.ReportNotWritten, render.ReportTooLarge):
             raise
         except BaseException as error:  # a plugin's template or CSS: write the page without them
             if theme == render.Theme():
                 raise
             report.plugin_errors.append(f"the report could not be rendered with the plugins' templates: {_traceback(error, 1)}")
             print(f"vizkit: {report.plugin_errors[-1]}", file=sys.stderr)
-            return render.write(report, folder)
-    except report_folder.ReportNotWritten:
+            return render.write(report, folder, max_bytes=max_bytes)
+    except (report_folder.ReportNotWritten, render.ReportTooLarge):
         raise
     except Exception as error:
         error.vizkit_outdir = folder.path
