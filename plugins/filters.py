@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import re
-import time
 from typing import Callable
 
 import numpy as np
 
 import vizkit
-from vizkit import Artifact, Option, Technique, hookimpl, kit
+from vizkit import Artifact, Option, Technique, featureviz, hookimpl, kit
 
 
 def default_layers(graph, spread_count: int = 5) -> tuple[list[str], str]:
@@ -27,58 +26,7 @@ def default_layers(graph, spread_count: int = 5) -> tuple[list[str], str]:
 
 def initial_inputs(count: int, size: int, channels: int, seed: int) -> np.ndarray:
     """The chapter's start: gray plus noise, uniform [0, 1) × 20 + 128, in pixel space."""
-    rng = np.random.default_rng(seed)
-    return (rng.random((count, size, size, channels)) * 20 + 128).astype("float32")
-
-
-#: The ascent runs as compiled calls of about this many seconds each (the steps per call
-#: adapt to it), so Ctrl-C, which Python sees between calls, stops it within a second or so.
-SECONDS_PER_CALL = 0.25
-#: Progress is reported at most this often during a long ascent.
-PROGRESS_EVERY_S = 2.0
-
-
-def _ascent(probe, preprocess: Callable, step: float):
-    """A compiled ``ascend(x, onehot, steps)``: ``steps`` (a scalar int32 tensor, so one
-    trace serves every call) steps that move a batch of inputs, each up its own filter's
-    mean activation."""
-    import tensorflow as tf
-
-    @tf.function(reduce_retracing=True)
-    def ascend(x, onehot, steps):
-        for _ in tf.range(steps):
-            with tf.GradientTape() as tape:
-                tape.watch(x)
-                activation = probe(preprocess(x), training=False)
-                loss = tf.reduce_sum(tf.reduce_mean(activation, axis=(1, 2)) * onehot)
-            grads = tape.gradient(loss, x)
-            norms = tf.sqrt(tf.reduce_mean(tf.square(grads), axis=(1, 2, 3), keepdims=True))
-            x = x + step * grads / (norms + 1e-5)
-        return x
-
-    return ascend
-
-
-def _ascend_in_calls(ascend, x, onehot, steps: int, steps_per_call: int | None, progress: Callable[[int], None]):
-    """``x`` after ``steps`` steps of ``ascend``, run as several compiled calls: the same
-    numbers as one call of all the steps, but Python (and so Ctrl-C) gets control between
-    calls. ``steps_per_call`` None: start at 1 and adapt to about SECONDS_PER_CALL per call
-    (at most 4 times more steps than the call before). ``progress(done)`` now and then."""
-    import tensorflow as tf
-
-    done, per_call, reported = 0, steps_per_call or 1, time.monotonic()
-    while done < steps:
-        take = min(per_call, steps - done)
-        started = time.perf_counter()
-        x = ascend(x, onehot, tf.constant(take, dtype=tf.int32))
-        elapsed = time.perf_counter() - started
-        done += take
-        if steps_per_call is None:  # the first call also traces: it only ever makes calls shorter
-            per_call = max(1, min(4 * take, int(take * SECONDS_PER_CALL / max(elapsed, 1e-6))))
-        if done < steps and time.monotonic() - reported >= PROGRESS_EVERY_S:
-            progress(done)
-            reported = time.monotonic()
-    return x
+    return featureviz.pixel_start(count, size, size, channels, seed)
 
 
 # -- memory ---------------------------------------------------------------------------------
@@ -114,32 +62,126 @@ def check_fits(graph, paths: list[str], count: int, size: int, batch: int) -> No
     )
 
 
+#: What each parameterization defaults to: the chapter's ascent for ``pixel``; Lucid's
+#: settings (Adam at 0.05, the standard transforms) for ``fourier``, with fewer steps than
+#: its 512 (the patterns settle by about 256 on the models tried; see docs).
+DEFAULTS = {
+    "pixel": {"steps": 40, "step": 1.0, "optimizer": "normalized", "transforms": "none"},
+    "fourier": {"steps": 256, "step": 0.05, "optimizer": "adam", "transforms": "standard"},
+}
+#: Weight of the diversity term against the objective, Lucid's ``-1e2 * diversity``.
+DIVERSITY = 100.0
+
+
+def settings(param: str, **given) -> dict:
+    """The ascent's settings for ``param``: DEFAULTS with the values given (None: default)."""
+    if param not in DEFAULTS:
+        raise ValueError(f"param must be one of {', '.join(DEFAULTS)}, not {param!r}")
+    return DEFAULTS[param] | {key: value for key, value in given.items() if value is not None}
+
+
+def with_diversity(score: Callable, variants: int, weight: float, split: Callable | None = None) -> Callable:
+    """The objective ``score`` minus ``weight`` × Lucid's diversity over groups of
+    ``variants`` images (just ``score`` for one variant). ``split(outputs)`` gives
+    (features the diversity is measured on, what ``score`` scores); default: both are
+    the probe's output."""
+    if variants == 1 or not weight:
+        return score
+    split = split or (lambda outputs: (outputs, outputs))
+
+    def objective(outputs, onehot):
+        features, scored = split(outputs)
+        return score(scored, onehot) - weight * featureviz.diversity(features, variants)
+
+    return objective
+
+
+def optimize(
+    graph, probe, objective: Callable, targets: list[int], width: int, size: int, *,
+    param: str = "pixel", seed: int = 0, preprocess: Callable = lambda x: x, batch: int = 16, variants: int = 1,
+    start: np.ndarray | None = None, progress: Callable[[str], None] = lambda message: None,
+    steps_per_call: int | None = None, what: str = "", **given,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(pictures, pixels): ``variants`` images per target (a channel or class index out of
+    ``width``), each optimized up ``objective(probe(...), onehot)``, uint8 as displayed and
+    float32 0-255 as the model saw them (before transforms).
+
+    ``given``: steps, step, optimizer, transforms (None: the DEFAULTS of ``param``).
+    Images go through in batches of ``batch`` (whole groups of variants), as compiled
+    calls (see :func:`vizkit.featureviz.ascend_in_calls`); ``start`` overrides the
+    parameterization's seeded start.
+    """
+    import tensorflow as tf
+
+    chosen = settings(param, **given)
+    parameterization = featureviz.PARAMETERIZATIONS[param](size, size, graph.channels)
+    optimizer = featureviz.OPTIMIZERS[chosen["optimizer"]](chosen["step"])
+    count, steps = len(targets) * variants, chosen["steps"]
+    transform = featureviz.robust_transform(size, seed, count) if chosen["transforms"] == "standard" else None
+    ascend = featureviz.ascent(probe, objective, parameterization, optimizer, preprocess, transform)
+    params = parameterization.init(count, seed) if start is None else np.asarray(start, dtype="float32")
+    each = np.repeat(np.asarray(targets), variants)
+    per_batch = max(1, batch // variants) * variants
+    pixels = []
+    for begin in range(0, count, per_batch):
+        ids = np.arange(begin, min(begin + per_batch, count))
+        which = f"{what}{each[ids[0]]}-{each[ids[-1]]} of {len(targets)}"
+        progress(which)
+        x, _ = featureviz.ascend_in_calls(
+            ascend, tf.constant(params[ids]), optimizer.start(params[ids]), tf.one_hot(each[ids], width),
+            tf.constant(ids, tf.int32), steps, steps_per_call, lambda done: progress(f"{which}, step {done} of {steps}"),
+        )
+        pixels.append(np.asarray(parameterization.to_pixels(x)))
+    pixels = np.concatenate(pixels)
+    return parameterization.display(pixels), pixels
+
+
+def _at_size(graph, size: int, layer: str | None):
+    """The graph to run at ``size``: the model itself at its own input size, else its
+    free-size trace; ValueError where ``layer`` (None: the output) is not in that."""
+    if graph.fixed_size in (None, (size, size)):
+        return graph
+    free = graph.free_size()
+    if (layer in free) if layer else free.has_output:
+        return free
+    raise ValueError(f"{layer or 'the output'} works only at the model's input size {graph.fixed_size}; set size to that")
+
+
 def filter_patterns(
     model,
     layer: str,
     filters: list[int] | int = 64,
     size: int = 150,
-    steps: int = 40,
-    step: float = 1.0,
+    steps: int | None = None,
+    step: float | None = None,
     seed: int = 0,
     preprocess: Callable = lambda x: x,
     batch: int = 16,
     start: np.ndarray | None = None,
     progress: Callable[[str], None] = lambda message: None,
     steps_per_call: int | None = None,
+    *,
+    param: str = "pixel",
+    optimizer: str | None = None,
+    transforms: str | None = None,
+    objective: str = "channel",
+    variants: int = 1,
+    diversity: float = DIVERSITY,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(patterns, optimized): the pattern of each filter as displayed, uint8 N×size×size×C,
-    and the raw float32 inputs it was deprocessed from.
+    """(patterns, pixels): the pattern of each filter as displayed, uint8 N×size×size×C
+    (N = filters × variants, the variants of a filter together), and the float32 0-255
+    inputs they come from.
 
-    ``filters`` is a list of filter indices or a count (the first N). The ascent runs in
-    0-255 pixel space through ``preprocess``, so with the identity (the chapter's setup)
-    it is exactly the chapter's input-space ascent. ``start`` overrides the seeded noise.
-    The steps run as compiled calls of ``steps_per_call`` steps (None: about a quarter of a
-    second each), so Ctrl-C stops a long ascent; the numbers do not depend on it.
-    ValueError, before any work, for patterns that would not fit in memory.
+    ``filters`` is a list of filter indices or a count (the first N). ``objective``:
+    "channel" (the filter's mean activation, the chapter's) or "neuron" (the filter at
+    the centre position). With the defaults (``param="pixel"``) this is exactly the
+    chapter's input-space ascent in 0-255 through ``preprocess`` (the identity in the
+    chapter); ``param="fourier"`` is Olah et al.'s (see :mod:`vizkit.featureviz`).
+    ``steps``, ``step``, ``optimizer``, ``transforms``: None for the param's DEFAULTS.
+    ``variants`` > 1 makes that many patterns per filter, pushed apart by ``diversity`` ×
+    Lucid's diversity term. ValueError, before any work, for patterns that would not fit
+    in memory.
     """
-    import tensorflow as tf
-
     graph = vizkit.ModelGraph.of(model)
     path = graph.resolve(layer, kit.conv_layer, "filters (it is not a convolution layer)")
     channels_out = graph.info(path).shape[-1]
@@ -147,32 +189,107 @@ def filter_patterns(
     outside = [i for i in indices if not 0 <= i < channels_out]
     if outside:
         raise ValueError(f"{path} has filters 0-{channels_out - 1}; no filter {outside[0]}")
+    if objective not in OBJECTIVES or objective == "class":
+        raise ValueError(f"objective must be channel or neuron for filter patterns, not {objective!r}")
     if start is None:
-        check_fits(graph, [path], len(indices), size, batch)
-        start = initial_inputs(len(indices), size, graph.channels, seed)
-    if graph.fixed_size not in (None, (size, size)):
-        fixed, graph = graph.fixed_size, graph.free_size()
-        if path not in graph:
-            raise ValueError(f"{path} works only at the model's input size {fixed}; set size to that")
-    ascend = _ascent(graph.probe([path]), preprocess, step)
-    optimized = []
-    for begin in range(0, len(indices), batch):
-        chunk = indices[begin : begin + batch]
-        which = f"{path}: filters {chunk[0]}-{chunk[-1]} of {len(indices)}"
-        progress(which)
-        onehot = tf.one_hot(chunk, channels_out, dtype=tf.float32)
-        x = tf.constant(start[begin : begin + len(chunk)], dtype=tf.float32)
-        x = _ascend_in_calls(ascend, x, onehot, steps, steps_per_call, lambda done: progress(f"{which}, step {done} of {steps}"))
-        optimized.append(np.asarray(x))
-    raw = np.concatenate(optimized)
-    return np.stack([kit.deprocess_pattern(x) for x in raw]), raw
+        check_fits(graph, [path], len(indices) * variants, size, batch)
+    graph = _at_size(graph, size, path)
+    score = featureviz.neuron if objective == "neuron" else featureviz.channel_mean
+    return optimize(
+        graph, graph.probe([path]), with_diversity(score, variants, diversity), indices, channels_out, size,
+        param=param, seed=seed, preprocess=preprocess, batch=batch, variants=variants, start=start,
+        progress=progress, steps_per_call=steps_per_call, what=f"{path}: filters ",
+        steps=steps, step=step, optimizer=optimizer, transforms=transforms,
+    )
+
+
+def class_patterns(
+    model,
+    classes: list[int],
+    size: int | None = None,
+    *,
+    score: str | None = None,
+    variants: int = 1,
+    diversity: float = DIVERSITY,
+    diversity_layer: str | None = None,
+    param: str = "fourier",
+    **options,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(pictures, pixels) like :func:`filter_patterns`, one image per class (× variants)
+    maximizing that class's score: its logit where the model's logits are known (``score``
+    None), which says what the class looks like rather than what the others do not.
+    ``size``: the model's input size (None: that, or 224 for a free size); other sizes
+    work where the model runs at them. Diversity is measured on ``diversity_layer``
+    (default: the last convolution layer). ``options``: those of :func:`optimize`.
+    """
+    graph = vizkit.ModelGraph.of(model)
+    score = score or ("logit" if graph.has_logits else "probability")
+    size = size or (graph.fixed_size[0] if graph.fixed_size and graph.fixed_size[0] == graph.fixed_size[1] else 224)
+    width = graph.num_classes
+    outside = [c for c in classes if not 0 <= c < width]
+    if outside:
+        raise ValueError(f"{graph.name} has classes 0-{width - 1}; no class {outside[0]}")
+    graph = _at_size(graph, size, None)
+    if variants > 1 and diversity:
+        path = graph.resolve(diversity_layer, kit.conv_layer, "diversity") if diversity_layer else kit.conv_layers(graph)[-1]
+        probe = graph.probe([path], score=score)
+        objective = with_diversity(featureviz.class_score, variants, diversity, split=lambda outputs: tuple(outputs))
+    else:  # no class scores: scores_model says why, before any work
+        probe, objective = graph.scores_model(score), featureviz.class_score
+    return optimize(graph, probe, objective, list(classes), width, size, param=param, variants=variants,
+                    what="classes ", **options)
+
+
+#: The objectives the technique offers.
+OBJECTIVES = ("channel", "neuron", "class")
+
+
+def pattern_size(params, graph) -> int:
+    """The ``size`` option, or its default: the chapter's 150, or for classes the model's
+    own input size (224 where it is free), where the classifier was trained to see."""
+    if params["size"]:
+        return params["size"]
+    if params["objective"] != "class":
+        return 150
+    fixed = graph.fixed_size
+    return fixed[0] if fixed and fixed[0] == fixed[1] else 224
 
 
 def _layer_paths(graph, params) -> tuple[list[str], str | None]:
-    """(paths, why): the layers named by the ``layers`` option, else the default ones."""
+    """(paths, why): the layers named by the ``layers`` option, else the default ones;
+    for classes, the model's last layer (all of it runs)."""
+    if params["objective"] == "class":
+        return [graph.layers[-1].path], None
     if params["layers"]:
         return [graph.resolve(name, kit.conv_layer, "filters") for name in params["layers"]], None
     return default_layers(graph)
+
+
+def _classes(params, graph, labels) -> list[int]:
+    """The ``classes`` option as indices (names through the labels), else the first ``count``."""
+    if not params["classes"]:
+        return list(range(min(params["count"], graph.num_classes)))
+    return [kit.class_index(value, labels, graph.num_classes) for value in params["classes"]]
+
+
+def _check_objective(value: str, context) -> None:
+    """A class objective needs class scores: the graph says why a model has none."""
+    if value == "class":
+        graph = context.model
+        graph.scores_model("logit" if graph.has_logits else "probability")
+
+
+def _describe(param: str, params) -> str:
+    """How the patterns were made, for the caption."""
+    chosen = settings(param, **{key: params[key] for key in ("steps", "step", "optimizer", "transforms")})
+    transforms = ", transformation robustness" if chosen["transforms"] == "standard" else ""
+    return f"{param}: {chosen['steps']} {chosen['optimizer']} steps of {chosen['step']:g}{transforms}"
+
+
+def _grid(pictures: np.ndarray, labels: list[str]) -> np.ndarray:
+    """The report's grid: 8 per row (the chapter's 8×8), 4 for up to 16 patterns."""
+    grid = kit.tile_with_labels(pictures, labels, per_row=8 if len(pictures) > 16 else 4, margin=5)
+    return grid[..., 0] if grid.shape[-1] == 1 else grid
 
 
 def run(context) -> list[Artifact]:
@@ -182,30 +299,34 @@ def run(context) -> list[Artifact]:
         context.note(f"layers: {why}")
     if not paths:
         raise ValueError("the model has no convolution layers")
+    variants = params["variants"]
+    common = {
+        key: params[key] for key in ("steps", "step", "optimizer", "transforms", "seed", "batch", "variants", "diversity")
+    } | {"size": pattern_size(params, graph), "preprocess": context.preprocess, "progress": context.progress}
+    chosen = params["param"] or ("fourier" if params["objective"] == "class" else "pixel")
     artifacts = []
-    for path in paths:
-        patterns, _ = filter_patterns(
-            graph,
-            path,
-            filters=params["count"],
-            size=params["size"],
-            steps=params["steps"],
-            step=params["step"],
-            seed=params["seed"],
-            preprocess=context.preprocess,
-            batch=params["batch"],
-            progress=context.progress,
-        )
-        picture = kit.tile(patterns, per_row=8, margin=5, fill=0)
-        artifacts.append(
-            Artifact(
-                title=path,
-                array=patterns,
-                picture=picture[..., 0] if picture.shape[-1] == 1 else picture,
-                layer=path,
-                caption=f"filters 0-{len(patterns) - 1}, {params['steps']} steps of {params['step']:g}",
-            )
-        )
+    for param in ("pixel", "fourier") if chosen == "both" else (chosen,):
+        how = _describe(param, params)
+        if params["objective"] == "class":
+            classes = _classes(params, graph, context.labels)
+            pictures, pixels = class_patterns(graph, classes, param=param, **common)
+            each = np.repeat(classes, variants)
+            seen = graph.class_scores(context.preprocess(pixels))[np.arange(len(each)), each]
+            labels = [f"{kit.describe_class(c, context.labels)} {p:.2f}" for c, p in zip(each, seen)]
+            artifacts.append(Artifact(
+                title=f"classes ({param})", array=pictures, picture=_grid(pictures, labels),
+                caption=f"{how}; under each, the class and the model's probability of it for that image",
+            ))
+            continue
+        for path in paths:
+            pictures, _ = filter_patterns(graph, path, filters=params["count"], param=param,
+                                          objective=params["objective"], **common)
+            indices = np.repeat(np.arange(len(pictures) // variants), variants)
+            artifacts.append(Artifact(
+                title=f"{path} ({param})" if chosen == "both" else path,
+                array=pictures, picture=_grid(pictures, [str(i) for i in indices]), layer=path,
+                caption=f"filters 0-{indices[-1]} by their {params['objective']} objective, {how}",
+            ))
     return artifacts
 
 
@@ -230,21 +351,26 @@ def _check_memory(name: str) -> Callable:
         paths, _ = _layer_paths(graph, params)
         if not paths:
             return  # run() says there are no convolution layers
+        variants = params["variants"]
+        per_target = variants if name == "count" else 1
+        targets = len(_classes(params, graph, context.labels)) if params["objective"] == "class" else params["count"]
+        current = {"size": pattern_size(params, graph), "batch": params["batch"], "count": targets * variants}
+        defaults = {option.name: option.default for option in TECHNIQUE.options}
+        baseline = defaults | {"size": pattern_size(params | {"size": None}, graph), "count": defaults["count"] * variants}
 
         def needs(**changed) -> float:
-            values = {key: params[key] for key in SIZING} | changed
+            values = current | changed
             return memory_needed(graph, paths, values["count"], values["size"], values["batch"])[0]
 
         needed = needs()
         if needed <= kit.memory_budget():
             return
-        defaults = {option.name: option for option in TECHNIQUE.options}
-        growth = {key: needed / needs(**{key: min(params[key], defaults[key].default)}) for key in SIZING}
+        growth = {key: needed / needs(**{key: min(current[key], baseline[key])}) for key in SIZING}
         if max(SIZING, key=growth.__getitem__) != name:
             return
-        values = {key: params[key] for key in SIZING}
-        what = memory_needed(graph, paths, values["count"], values["size"], values["batch"])[1]
-        kit.check_memory(value, lambda v: needs(**{name: v}), what, OTHER_FIX[name], low=int(defaults[name].minimum))
+        what = memory_needed(graph, paths, current["count"], current["size"], current["batch"])[1]
+        minimum = int(next(option.minimum for option in TECHNIQUE.options if option.name == name))
+        kit.check_memory(value, lambda v: needs(**{name: v * per_target}), what, OTHER_FIX[name], low=minimum)
 
     return check
 
@@ -256,15 +382,30 @@ TECHNIQUE = Technique(
     accepts=kit.conv_layer,
     options=(
         kit.layers_option("filters", kit.conv_layer, "conv layers (comma list); default: first conv of each block"),
-        Option("count", int, 64, "filters per layer, from the first", minimum=1, check=_check_memory("count")),
+        Option("objective", str, "channel", "what a pattern maximizes: a filter's mean activation (channel, the chapter's), "
+               "the filter at the centre position (neuron), or a class's logit (class)", choices=OBJECTIVES,
+               check=_check_objective),
+        Option("param", str, None, "pixel: the chapter's ascent on the pixels (default for filters); fourier: Olah et "
+               "al.'s decorrelated Fourier image with transformation robustness (default for classes); both: each, side "
+               "by side", choices=("pixel", "fourier", "both")),
+        Option("count", int, 64, "filters per layer (or classes), from the first", minimum=1, check=_check_memory("count")),
+        Option("classes", list, None, "for objective=class: class indices or labels (comma list); default: the first count",
+               check=lambda value, context: _classes(context.params, context.model, context.labels)),
         Option(
-            "size", int, 150, "pattern size in pixels (any size, even on models with a fixed input); at most what fits in memory",
-            minimum=8, maximum=4096, check=_check_memory("size"),
+            "size", int, None, "pattern size in pixels (any size, even on models with a fixed input); default 150, for "
+            "classes the model's input size; at most what fits in memory", minimum=8, maximum=4096, check=_check_memory("size"),
         ),
-        Option("steps", int, 40, "gradient ascent steps", minimum=0),
-        Option("step", float, 1.0, "step size on the RMS-normalized gradient", minimum=0),
-        Option("seed", int, 0, "seed of the starting noise"),
-        Option("batch", int, 16, "filters optimized together in one batch", minimum=1, check=_check_memory("batch")),
+        Option("steps", int, None, "ascent steps; default 40 for pixel (the chapter), 256 for fourier", minimum=0),
+        Option("step", float, None, "step size: on the RMS-normalized gradient (normalized, default 1.0) or Adam's "
+               "learning rate (adam, default 0.05)", minimum=0),
+        Option("optimizer", str, None, "normalized (the chapter's, pixel's default) or adam (fourier's default)",
+               choices=tuple(featureviz.OPTIMIZERS)),
+        Option("transforms", str, None, "none (pixel's default) or standard: random jitter, scale and rotation at every "
+               "step, seeded (fourier's default)", choices=("none", "standard")),
+        Option("variants", int, 1, "patterns per filter or class, pushed apart by the diversity term", minimum=1),
+        Option("diversity", float, DIVERSITY, "weight of Lucid's diversity term when variants > 1", minimum=0),
+        Option("seed", int, 0, "seed of the start and of the transforms"),
+        Option("batch", int, 16, "patterns optimized together in one batch", minimum=1, check=_check_memory("batch")),
     ),
 )
 

@@ -103,6 +103,13 @@ def test_every_name_of_vizkit_kit_has_a_heading():
     assert not missing, f"names in vizkit.kit.__all__ without a '### vizkit.kit.NAME' heading in docs/api.md: {missing}"
 
 
+def test_every_name_of_vizkit_featureviz_has_a_heading():
+    from vizkit import featureviz
+
+    missing = [name for name in featureviz.__all__ if f"vizkit.featureviz.{name}" not in _headings()]
+    assert not missing, f"names in vizkit.featureviz.__all__ without a heading in docs/api.md: {missing}"
+
+
 def test_the_public_classes_include_the_ones_plugin_authors_use():
     """The member tests below walk every exported class; these must be among them."""
     assert {"ModelGraph", "RunContext", "Technique", "Option", "Artifact", "Batch", "LayerInfo",

@@ -45,6 +45,7 @@ _LAZY = {
     "UsageError": "vizkit.runner",
     "run": "vizkit.runner",
     "kit": "vizkit.kit",
+    "featureviz": "vizkit.featureviz",
 }
 
 __all__ = ["__version__", "hookimpl", *_LAZY]
@@ -54,7 +55,7 @@ def __getattr__(name: str):
     if name not in _LAZY:
         raise AttributeError(f"module 'vizkit' has no attribute {name!r}")
     module = import_module(_LAZY[name])
-    value = module if name == "kit" else getattr(module, name)
+    value = module if name in ("kit", "featureviz") else getattr(module, name)
     globals()[name] = value
     return value
 

