@@ -480,7 +480,7 @@ def _shared_options(batch: int = 8) -> tuple[Option, ...]:
         kit.class_option(),
         kit.score_option("logit"),
         kit.top_option(),
-        *kit.overlay_options(0.4),
+        *kit.overlay_options(),
         kit.batch_option(batch),
     )
 

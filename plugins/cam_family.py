@@ -268,7 +268,7 @@ def _gradient_technique(method: GradientCam) -> Technique:
             kit.class_option(),
             kit.score_option("logit"),
             kit.top_option(),
-            *kit.overlay_options(0.4),
+            *kit.overlay_options(),
             kit.batch_option(8),
         ),
     )
@@ -309,7 +309,7 @@ EIGENCAM = Technique(
         kit.layer_option("eigencam", kit.explainable_layer, LAYER_HELP),
         Option("center", bool, False, "subtract each channel's mean first (pytorch-grad-cam); default: uncentred, as the paper"),
         kit.top_option(),
-        *kit.overlay_options(0.4),
+        *kit.overlay_options(),
         kit.batch_option(8),
     ),
 )

@@ -63,7 +63,7 @@ TECHNIQUE = Technique(
         kit.class_option(),
         kit.score_option("logit"),
         kit.top_option(),
-        *kit.overlay_options(0.4),
+        *kit.overlay_options(),
         kit.batch_option(8),
     ),
 )

@@ -327,7 +327,7 @@ def _shared_options(per_pass_help: str) -> tuple[Option, ...]:
         kit.score_option("probability", "class score compared: probability (the papers) or logit"),
         Option("per_pass", int, 64, per_pass_help, minimum=1, check=_check_per_pass),
         kit.top_option(),
-        *kit.overlay_options(0.4),
+        *kit.overlay_options(),
         kit.batch_option(8),
     )
 

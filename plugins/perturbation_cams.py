@@ -251,7 +251,7 @@ def _common_options(name: str) -> tuple[Option, ...]:
         kit.class_option(),
         kit.score_option("probability", "what is measured: the class probability (the paper) or its logit"),
         kit.top_option(),
-        *kit.overlay_options(0.4),
+        *kit.overlay_options(),
     )
 
 

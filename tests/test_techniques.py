@@ -410,7 +410,7 @@ def test_overlay_heatmap_is_the_chapter_superimposition(tmp_path):
     heatmap = rng.random((5, 7)).astype("float32")
     heatmap /= heatmap.max()
 
-    got = overlay_heatmap(image, heatmap, 0.4)
+    got = overlay_heatmap(image, heatmap, 0.4, mode="add")
     resized = cv2.resize(heatmap, (image.shape[1], image.shape[0]))
     jet = cv2.applyColorMap(np.uint8(255 * resized), cv2.COLORMAP_JET)
     jet = cv2.cvtColor(jet, cv2.COLOR_BGR2RGB)
@@ -420,8 +420,8 @@ def test_overlay_heatmap_is_the_chapter_superimposition(tmp_path):
 
     # RGB order checked independently of cv2: JET runs from dark blue (0) to dark red (1)
     black = np.zeros((4, 4, 3), "uint8")
-    hot = overlay_heatmap(black, np.ones((2, 2), "float32"), 1.0)
-    cold = overlay_heatmap(black, np.zeros((2, 2), "float32"), 1.0)
+    hot = overlay_heatmap(black, np.ones((2, 2), "float32"), 1.0, mode="add")
+    cold = overlay_heatmap(black, np.zeros((2, 2), "float32"), 1.0, mode="add")
     assert hot[0, 0, 0] > 100 and hot[0, 0, 1] == 0 and hot[0, 0, 2] == 0
     assert cold[0, 0, 2] > 100 and cold[0, 0, 0] == 0 and cold[0, 0, 1] == 0
     # a grayscale image is overlaid as gray RGB

@@ -133,22 +133,29 @@ def colorize(heatmap: np.ndarray, colormap: str = "jet") -> np.ndarray:
     return cv2.cvtColor(colored, cv2.COLOR_BGR2RGB)
 
 
+#: The heatmap's weight when none is given, by overlay mode: an even blend, and the chapter's 0.4.
+_ALPHA = {"blend": 0.5, "add": 0.4}
+
+
 def overlay_heatmap(
-    image: np.ndarray, heatmap: np.ndarray, alpha: float = 0.4, mode: str = "add", colormap: str = "jet"
+    image: np.ndarray, heatmap: np.ndarray, alpha: float | None = None, mode: str = "blend", colormap: str = "jet"
 ) -> np.ndarray:
     """A heatmap in [0, 1], resized to ``image`` (uint8 H×W or H×W×3) and colored, over it.
 
-    ``mode="add"`` is the chapter's overlay, ``colored × alpha + image`` clipped (bright
-    photos wash out); ``mode="blend"`` mixes ``(1 − alpha) × image + alpha × colored``.
+    ``mode="blend"`` (the default) mixes ``(1 − alpha) × image + alpha × colored``, so the
+    photo stays readable; ``mode="add"`` is the chapter's overlay, ``colored × alpha +
+    image`` clipped (bright photos wash out). ``alpha`` None: 0.5 to blend, the chapter's
+    0.4 to add.
     """
+    if mode not in _ALPHA:
+        raise ValueError(f"overlay mode {mode!r} is not add or blend")
+    alpha = _ALPHA[mode] if alpha is None else alpha
     rgb = np.repeat(image[..., None], 3, axis=-1) if image.ndim == 2 else image[..., :3]
     colored = colorize(resize(heatmap, *rgb.shape[:2]), colormap).astype("float32")
     if mode == "add":
         mixed = colored * alpha + rgb
-    elif mode == "blend":
-        mixed = (1 - alpha) * rgb.astype("float32") + alpha * colored
     else:
-        raise ValueError(f"overlay mode {mode!r} is not add or blend")
+        mixed = (1 - alpha) * rgb.astype("float32") + alpha * colored
     return np.clip(mixed, 0, 255).astype("uint8")
 
 
@@ -303,12 +310,15 @@ def usable_score(graph: "ModelGraph", score: str) -> tuple[str, str | None]:
     return score, None
 
 
-def overlay_options(alpha: float = 0.4) -> tuple[Option, ...]:
+def overlay_options(alpha: float | None = None) -> tuple[Option, ...]:
     """``alpha``, ``overlay`` and ``colormap``: how a heatmap is laid over the photo, the
-    same options for every heatmap technique so the comparison view can match them."""
+    same options for every heatmap technique so the comparison view can match them.
+    ``alpha`` None (the default): 0.5 to blend, the chapter's 0.4 to add."""
     return (
-        Option("alpha", float, alpha, "heatmap weight in the overlay", minimum=0, maximum=1),
-        Option("overlay", str, "add", "add: the chapter's heatmap × alpha + image; blend: a proper alpha blend", choices=("add", "blend")),
+        Option("alpha", float, alpha, "heatmap weight in the overlay" + (
+            "; default 0.5 with blend, 0.4 (the chapter's) with add" if alpha is None else ""), minimum=0, maximum=1),
+        Option("overlay", str, "blend", "blend: (1 − alpha) × photo + alpha × heatmap, the photo stays readable; "
+               "add: the chapter's heatmap × alpha + photo, clipped (bright photos wash out)", choices=("blend", "add")),
         Option("colormap", str, "jet", "colormap of the heatmap", choices=COLORMAPS),
     )
 

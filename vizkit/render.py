@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import io
+import itertools
 import json
 import re
 import zipfile
@@ -39,7 +40,8 @@ def display_width(picture: np.ndarray) -> int:
     return width * max(1, -(-MIN_DISPLAY_WIDTH // width))
 
 
-#: The report's line colours, by the names a metric's Curve may use.
+#: The report's line colours, by the names a metric's Curve may use (report.css has each
+#: as ``--c-NAME``, lighter in dark mode).
 PALETTE = {"red": "#d62728", "blue": "#1f77b4", "green": "#2ca02c", "orange": "#ff7f0e", "purple": "#9467bd", "gray": "#7f7f7f"}
 
 
@@ -54,8 +56,8 @@ def chart_lines(curves: list, width: int = 200, height: int = 64) -> list[dict]:
         points = " ".join(
             f"{i * width / last:.1f},{height - (v - low) / (high - low) * height:.1f}" for i, v in enumerate(curve.values)
         )
-        color = PALETTE.get(curve.color) or list(PALETTE.values())[index % len(PALETTE)]
-        lines.append({"points": points, "color": color, "dashed": curve.dashed, "label": curve.label})
+        name = curve.color if curve.color in PALETTE else list(PALETTE)[index % len(PALETTE)]
+        lines.append({"points": points, "color": PALETTE[name], "name": name, "dashed": curve.dashed, "label": curve.label})
     return lines
 
 
@@ -84,6 +86,9 @@ def _environment(theme: Theme) -> jinja2.Environment:
     env.filters["png"] = png_data_uri
     env.filters["display_width"] = display_width
     env.filters["chart_lines"] = chart_lines
+    # Each page renders in an environment of its own: the ids of its full-size views
+    # (pictures.html) count from 1, the same on every rerun.
+    env.globals["picture_ids"] = itertools.count(1).__next__
     return env
 
 

@@ -25,7 +25,7 @@ from vizkit.extension import ReportSection
 from vizkit.labels import LabelsError, read_labels
 from vizkit.metric import Explanation
 from vizkit.report import ArtifactRecord, ImageRecord, MeasurementRecord, MetricRecord, Report, TechniqueRecord
-from vizkit.safe_read import display_path, path_bytes, path_entry
+from vizkit.safe_read import display_path, path_bytes, path_entry, report_path
 from vizkit.technique import Artifact, OptionError, RunContext, suggest
 from vizkit.tensorflow_setup import start_tensorflow
 
@@ -454,7 +454,7 @@ def _traceback(error: BaseException, limit: int = 8) -> str:
 def _image_record(image: image_io.LoadedImage) -> ImageRecord:
     return ImageRecord(
         id=image.id,
-        path=display_path(image.path),
+        path=report_path(image.path),
         path_bytes=path_bytes(image.path),
         sha256=image.sha256,
         status="ok" if image.ok else "error",

@@ -9,6 +9,8 @@ puts in a report go through :func:`display_path`.
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import os
 import stat
 from pathlib import Path
@@ -120,11 +122,39 @@ def display_path(path: str | bytes | os.PathLike) -> str:
     Bytes that are not UTF-8 (names Python holds as surrogate escapes) become ``\\xe9``;
     control characters (ESC, newline, DEL, C1), line separators and bidirectional
     controls become ``\\x1b``, ``\\n``, ``\\u202e``. Other text, any script, is kept. The
-    one function for every path vizkit prints or puts in a report, so a name cannot
-    crash the rendering (UnicodeEncodeError) or take over the terminal. Lossy only for
-    such names: :func:`path_bytes` keeps their exact bytes.
+    one function for every path vizkit prints or puts in a report (:func:`report_path`
+    for the inputs a report lists), so a name cannot crash the rendering
+    (UnicodeEncodeError) or take over the terminal. Lossy only for such names:
+    :func:`path_bytes` keeps their exact bytes.
     """
     return printable(os.fsdecode(path) if isinstance(path, bytes) else os.fspath(path))
+
+
+def report_path(path: str | bytes | os.PathLike) -> str:
+    """:func:`display_path`, but a file inside the installed vizkit package (a sample
+    photo) as ``vizkit/data/samples/chelsea.jpg``, relative to the package's parent, so
+    a report shows neither the install location nor the user's home folder."""
+    text = os.fsdecode(path) if isinstance(path, bytes) else os.fspath(path)
+    try:
+        full = os.path.abspath(text)
+    except OSError:  # a relative name, and the working folder is gone
+        return display_path(text)
+    for folder, shown in _package_folders():
+        if full.startswith(folder + os.sep):
+            text = shown + "/" + full[len(folder) + 1:].replace(os.sep, "/")
+            break
+    return display_path(text)
+
+
+@functools.cache
+def _package_folders() -> tuple[tuple[str, str], ...]:
+    """(folder, its name in a report) of the vizkit package and of its built-in plugins,
+    which a source checkout keeps in a folder of their own (``plugins/``)."""
+    folders = [(os.path.dirname(os.path.abspath(__file__)), "vizkit")]
+    spec = importlib.util.find_spec("vizkit.plugins")
+    for location in (spec.submodule_search_locations or []) if spec else []:
+        folders.append((os.path.abspath(location), "vizkit/plugins"))
+    return tuple(folders)
 
 
 def printable(text: str, keep: str = "") -> str:
@@ -162,4 +192,4 @@ def path_bytes(path: str | bytes | os.PathLike) -> str | None:
 
 def path_entry(path: Path, reason: str) -> dict[str, str | None]:
     """``{"path", "path_bytes", "reason"}``: one skipped input as report.json lists it."""
-    return {"path": display_path(path), "path_bytes": path_bytes(path), "reason": reason}
+    return {"path": report_path(path), "path_bytes": path_bytes(path), "reason": reason}

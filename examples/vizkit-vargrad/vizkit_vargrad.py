@@ -123,7 +123,7 @@ TECHNIQUE = Technique(
         kit.score_option("logit"),
         Option("seed", int, 0, "seed of the NumPy noise"),
         Option("per_pass", int, 25, "noisy copies per forward/backward pass", minimum=1),
-        *kit.overlay_options(0.4),
+        *kit.overlay_options(),
     ),
 )
 
