@@ -64,20 +64,25 @@ def check_fits(graph, paths: list[str], count: int, size: int, batch: int) -> No
 
 #: What each parameterization defaults to: the chapter's ascent for ``pixel``; Lucid's
 #: settings (Adam at 0.05, the standard transforms) for ``fourier``, with fewer steps than
-#: its 512 (the patterns settle by about 256 on the models tried; see docs).
+#: its 512: on EfficientNet-Lite0 filter patterns of 128 and 256 steps look alike; class
+#: images take CLASS_STEPS to look like the class (at 128 the model already gives them
+#: p = 1.00, but they are pale: benchmarks/featureviz_quality.py --save).
 DEFAULTS = {
     "pixel": {"steps": 40, "step": 1.0, "optimizer": "normalized", "transforms": "none"},
-    "fourier": {"steps": 256, "step": 0.05, "optimizer": "adam", "transforms": "standard"},
+    "fourier": {"steps": 128, "step": 0.05, "optimizer": "adam", "transforms": "standard"},
 }
+CLASS_STEPS = 256
 #: Weight of the diversity term against the objective, Lucid's ``-1e2 * diversity``.
 DIVERSITY = 100.0
 
 
-def settings(param: str, **given) -> dict:
-    """The ascent's settings for ``param``: DEFAULTS with the values given (None: default)."""
+def settings(param: str, objective: str = "channel", **given) -> dict:
+    """The ascent's settings for ``param`` and ``objective``: DEFAULTS (CLASS_STEPS for
+    fourier class images) with the values given (None: default)."""
     if param not in DEFAULTS:
         raise ValueError(f"param must be one of {', '.join(DEFAULTS)}, not {param!r}")
-    return DEFAULTS[param] | {key: value for key, value in given.items() if value is not None}
+    defaults = DEFAULTS[param] | ({"steps": CLASS_STEPS} if (param, objective) == ("fourier", "class") else {})
+    return defaults | {key: value for key, value in given.items() if value is not None}
 
 
 def with_diversity(score: Callable, variants: int, weight: float, split: Callable | None = None) -> Callable:
@@ -136,6 +141,12 @@ def optimize(
     return parameterization.display(pixels), pixels
 
 
+def _in_precision(graph, precision: str):
+    """The graph of a copy of the model computing in ``precision`` (the graph itself for
+    float32)."""
+    return graph if precision == "float32" else vizkit.ModelGraph.of(featureviz.in_precision(graph.model, precision))
+
+
 def _at_size(graph, size: int, layer: str | None):
     """The graph to run at ``size``: the model itself at its own input size, else its
     free-size trace; ValueError where ``layer`` (None: the output) is not in that."""
@@ -167,6 +178,7 @@ def filter_patterns(
     objective: str = "channel",
     variants: int = 1,
     diversity: float = DIVERSITY,
+    precision: str = "float32",
 ) -> tuple[np.ndarray, np.ndarray]:
     """(patterns, pixels): the pattern of each filter as displayed, uint8 N×size×size×C
     (N = filters × variants, the variants of a filter together), and the float32 0-255
@@ -179,8 +191,9 @@ def filter_patterns(
     chapter); ``param="fourier"`` is Olah et al.'s (see :mod:`vizkit.featureviz`).
     ``steps``, ``step``, ``optimizer``, ``transforms``: None for the param's DEFAULTS.
     ``variants`` > 1 makes that many patterns per filter, pushed apart by ``diversity`` ×
-    Lucid's diversity term. ValueError, before any work, for patterns that would not fit
-    in memory.
+    Lucid's diversity term. ``precision``: float32, or bfloat16/float16 computed by a copy
+    of the model (see :func:`vizkit.featureviz.fast_precisions` for where that is faster).
+    ValueError, before any work, for patterns that would not fit in memory.
     """
     graph = vizkit.ModelGraph.of(model)
     path = graph.resolve(layer, kit.conv_layer, "filters (it is not a convolution layer)")
@@ -193,7 +206,7 @@ def filter_patterns(
         raise ValueError(f"objective must be channel or neuron for filter patterns, not {objective!r}")
     if start is None:
         check_fits(graph, [path], len(indices) * variants, size, batch)
-    graph = _at_size(graph, size, path)
+    graph = _at_size(_in_precision(graph, precision), size, path)
     score = featureviz.neuron if objective == "neuron" else featureviz.channel_mean
     return optimize(
         graph, graph.probe([path]), with_diversity(score, variants, diversity), indices, channels_out, size,
@@ -213,6 +226,7 @@ def class_patterns(
     diversity: float = DIVERSITY,
     diversity_layer: str | None = None,
     param: str = "fourier",
+    precision: str = "float32",
     **options,
 ) -> tuple[np.ndarray, np.ndarray]:
     """(pictures, pixels) like :func:`filter_patterns`, one image per class (× variants)
@@ -229,13 +243,14 @@ def class_patterns(
     outside = [c for c in classes if not 0 <= c < width]
     if outside:
         raise ValueError(f"{graph.name} has classes 0-{width - 1}; no class {outside[0]}")
-    graph = _at_size(graph, size, None)
+    graph = _at_size(_in_precision(graph, precision), size, None)
     if variants > 1 and diversity:
         path = graph.resolve(diversity_layer, kit.conv_layer, "diversity") if diversity_layer else kit.conv_layers(graph)[-1]
         probe = graph.probe([path], score=score)
         objective = with_diversity(featureviz.class_score, variants, diversity, split=lambda outputs: tuple(outputs))
     else:  # no class scores: scores_model says why, before any work
         probe, objective = graph.scores_model(score), featureviz.class_score
+    options["steps"] = settings(param, "class", steps=options.get("steps"))["steps"]
     return optimize(graph, probe, objective, list(classes), width, size, param=param, variants=variants,
                     what="classes ", **options)
 
@@ -272,6 +287,19 @@ def _classes(params, graph, labels) -> list[int]:
     return [kit.class_index(value, labels, graph.num_classes) for value in params["classes"]]
 
 
+def _precision(precision: str, context) -> str:
+    """``precision`` where this machine computes it fast, else float32 and a note: a lower
+    precision emulated in software is slower than float32."""
+    if precision == "float32" or precision in featureviz.fast_precisions():
+        return precision
+    context.note(
+        f"precision {precision} skipped, float32 used: this machine has no hardware that computes {precision} "
+        "faster (a GPU of compute capability 8.0+ for bfloat16, 7.0+ for float16, or without a GPU a CPU with "
+        "AVX-512 BF16 or AMX for bfloat16)"
+    )
+    return "float32"
+
+
 def _check_objective(value: str, context) -> None:
     """A class objective needs class scores: the graph says why a model has none."""
     if value == "class":
@@ -279,11 +307,12 @@ def _check_objective(value: str, context) -> None:
         graph.scores_model("logit" if graph.has_logits else "probability")
 
 
-def _describe(param: str, params) -> str:
+def _describe(param: str, params, precision: str) -> str:
     """How the patterns were made, for the caption."""
-    chosen = settings(param, **{key: params[key] for key in ("steps", "step", "optimizer", "transforms")})
+    chosen = settings(param, params["objective"], **{key: params[key] for key in ("steps", "step", "optimizer", "transforms")})
     transforms = ", transformation robustness" if chosen["transforms"] == "standard" else ""
-    return f"{param}: {chosen['steps']} {chosen['optimizer']} steps of {chosen['step']:g}{transforms}"
+    computed = f", in {precision}" if precision != "float32" else ""
+    return f"{param}: {chosen['steps']} {chosen['optimizer']} steps of {chosen['step']:g}{transforms}{computed}"
 
 
 def _grid(pictures: np.ndarray, labels: list[str]) -> np.ndarray:
@@ -302,11 +331,14 @@ def run(context) -> list[Artifact]:
     variants = params["variants"]
     common = {
         key: params[key] for key in ("steps", "step", "optimizer", "transforms", "seed", "batch", "variants", "diversity")
-    } | {"size": pattern_size(params, graph), "preprocess": context.preprocess, "progress": context.progress}
+    } | {
+        "size": pattern_size(params, graph), "preprocess": context.preprocess, "progress": context.progress,
+        "precision": _precision(params["precision"], context),
+    }
     chosen = params["param"] or ("fourier" if params["objective"] == "class" else "pixel")
     artifacts = []
     for param in ("pixel", "fourier") if chosen == "both" else (chosen,):
-        how = _describe(param, params)
+        how = _describe(param, params, common["precision"])
         if params["objective"] == "class":
             classes = _classes(params, graph, context.labels)
             pictures, pixels = class_patterns(graph, classes, param=param, **common)
@@ -395,7 +427,7 @@ TECHNIQUE = Technique(
             "size", int, None, "pattern size in pixels (any size, even on models with a fixed input); default 150, for "
             "classes the model's input size; at most what fits in memory", minimum=8, maximum=4096, check=_check_memory("size"),
         ),
-        Option("steps", int, None, "ascent steps; default 40 for pixel (the chapter), 256 for fourier", minimum=0),
+        Option("steps", int, None, "ascent steps; default 40 for pixel (the chapter), 128 for fourier (256 for classes)", minimum=0),
         Option("step", float, None, "step size: on the RMS-normalized gradient (normalized, default 1.0) or Adam's "
                "learning rate (adam, default 0.05)", minimum=0),
         Option("optimizer", str, None, "normalized (the chapter's, pixel's default) or adam (fourier's default)",
@@ -404,6 +436,8 @@ TECHNIQUE = Technique(
                "step, seeded (fourier's default)", choices=("none", "standard")),
         Option("variants", int, 1, "patterns per filter or class, pushed apart by the diversity term", minimum=1),
         Option("diversity", float, DIVERSITY, "weight of Lucid's diversity term when variants > 1", minimum=0),
+        Option("precision", str, "float32", "float32, or bfloat16/float16 where the hardware computes them faster "
+               "(else noted and float32 used)", choices=featureviz.PRECISIONS),
         Option("seed", int, 0, "seed of the start and of the transforms"),
         Option("batch", int, 16, "patterns optimized together in one batch", minimum=1, check=_check_memory("batch")),
     ),

@@ -14,6 +14,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from PIL import Image
 
 from vizkit import ModelGraph, featureviz, kit
 from vizkit.plugins.filters import class_patterns, filter_patterns
@@ -24,15 +25,15 @@ def unit(x):
     return x / 255
 
 
-def high_frequency_share(pixels: np.ndarray, cutoff: float = 0.25) -> np.ndarray:
-    """Per image: the share of the power spectrum of its gray (channel mean, mean
-    removed) above ``cutoff`` cycles per pixel (half the Nyquist frequency). White noise
-    has about 0.80 there (the area of the frequency square outside that radius)."""
-    gray = pixels.mean(-1)
-    gray = gray - gray.mean(axis=(1, 2), keepdims=True)
-    power = np.abs(np.fft.fft2(gray)) ** 2
-    radius = np.hypot(np.fft.fftfreq(gray.shape[1])[:, None], np.fft.fftfreq(gray.shape[2])[None, :])
-    return power[:, radius > cutoff].sum(1) / power.sum((1, 2))
+def test_high_frequency_share_of_noise_a_wave_and_photos():
+    rng = np.random.default_rng(0)
+    noise = rng.uniform(0, 255, (4, 64, 64, 3))
+    wave = np.broadcast_to(127.5 + 100 * np.cos(2 * np.pi * 3 * np.arange(64) / 64)[None, None, :, None], (1, 64, 64, 3))
+    share = featureviz.high_frequency_share
+    assert share(noise).mean() == pytest.approx(1 - np.pi * 0.25**2, abs=0.02)  # the area outside the radius
+    assert share(wave)[0] < 1e-6  # 3 cycles per 64 px: far below the cutoff
+    photos = np.stack([np.asarray(Image.open(path).convert("RGB").resize((128, 128)), "float32") for path in kit.sample_photos()])
+    assert (share(photos) < 0.1).all()
 
 
 # -- the parameterization -----------------------------------------------------------------
@@ -145,7 +146,7 @@ def test_fourier_patterns_have_far_less_high_frequency_energy_at_a_comparable_ac
     for param in ("pixel", "fourier"):
         _, pixels = filter_patterns(model, layer, filters=8, size=64, param=param, preprocess=unit, seed=0)
         activation = probe(unit(pixels)).numpy().mean((1, 2))[np.arange(8), np.arange(8)]
-        results[param] = high_frequency_share(pixels).mean(), activation.mean()
+        results[param] = featureviz.high_frequency_share(pixels).mean(), activation.mean()
     (pixel_hf, pixel_act), (fourier_hf, fourier_act) = results["pixel"], results["fourier"]
     assert pixel_hf > 0.7  # the chapter's patterns: about white noise's 0.80
     assert fourier_hf < 0.5 * pixel_hf
@@ -246,6 +247,7 @@ def run_filters(tmp_path, *settings, model=None, labels=None):
     from conftest import write_sample_folder
     from vizkit.cli import main
 
+    tmp_path.mkdir(exist_ok=True)
     model_file = tmp_path / "model.keras"
     (model or tiny_classifier()).save(model_file)
     pictures = tmp_path / "pictures" if (tmp_path / "pictures").exists() else write_sample_folder(tmp_path / "pictures")
@@ -299,3 +301,47 @@ def test_class_objective_on_a_model_without_class_scores_is_a_usage_error(tmp_pa
     features = keras.layers.Conv2D(4, 3, name="conv")(inputs)
     result, _ = run_filters(tmp_path, "filters.objective=class", model=keras.Model(inputs, features))
     assert result.exit_code == 2 and "not a classifier" in result.output, result.output
+
+
+# -- precision ----------------------------------------------------------------------------------
+
+
+def test_a_precision_without_hardware_is_noted_and_float32_used(tmp_path):
+    if "bfloat16" in featureviz.fast_precisions():
+        pytest.skip("this machine computes bfloat16 fast: nothing to skip")
+    _, plain = run_filters(tmp_path / "a", "filters.steps=3")
+    _, asked = run_filters(tmp_path / "b", "filters.steps=3", "filters.precision=bfloat16")
+    (technique,) = asked["techniques"]
+    assert any("precision bfloat16 skipped, float32 used" in note for note in technique["notes"])
+    arrays = [np.load(tmp_path / side / "out" / "arrays.npz") for side in ("a", "b")]
+    assert all(np.array_equal(arrays[0][key], arrays[1][key]) for key in arrays[0].files)
+
+
+def test_fast_precisions_reads_the_cpu_flags(monkeypatch):
+    if tf.config.list_physical_devices("GPU"):
+        pytest.skip("with a GPU, the GPU decides")
+    monkeypatch.setattr(featureviz, "_cpu_flags", lambda: {"avx2", "amx_bf16", "avx512_bf16"})
+    assert featureviz.fast_precisions() == {"bfloat16": "a CPU with amx_bf16 and avx512_bf16"}
+    monkeypatch.setattr(featureviz, "_cpu_flags", lambda: {"avx2", "fma"})
+    assert featureviz.fast_precisions() == {}
+
+
+def test_a_bfloat16_copy_computes_in_bfloat16_with_the_same_weights(nested_model):
+    """Emulated here (slow, but the same numbers a fast machine computes): the copy's layers,
+    nested ones too, compute in bfloat16; the user's model is untouched; the patterns are
+    as good: they reach the activation the float32 ones reach (the paths differ: Adam
+    amplifies bfloat16's rounding of small gradients)."""
+    copy = featureviz.in_precision(nested_model, "bfloat16")
+    assert copy.get_layer("base").get_layer("base_conv2").compute_dtype == "bfloat16"
+    assert nested_model.get_layer("base").get_layer("base_conv2").compute_dtype == "float32"
+    pixels = np.random.default_rng(0).uniform(0, 255, (2, 32, 32, 3)).astype("float32")
+    np.testing.assert_allclose(np.asarray(copy(pixels), "float32"), nested_model(pixels).numpy(), atol=0.01)
+    options = dict(filters=4, size=32, param="fourier", steps=32, transforms="none")
+    probe = ModelGraph.of(nested_model).probe(["base/base_conv2"])
+    reached = {}
+    for precision in ("bfloat16", "float32"):
+        _, pixels = filter_patterns(nested_model, "base/base_conv2", precision=precision, **options)
+        reached[precision] = probe(pixels).numpy().mean((1, 2))[np.arange(4), np.arange(4)]
+    start = probe(featureviz.fourier(32, 32, 3).to_pixels(featureviz.fourier(32, 32, 3).init(4, 0)).numpy()).numpy()
+    assert (reached["float32"] > start.mean((1, 2))[np.arange(4), np.arange(4)]).all()
+    np.testing.assert_allclose(reached["bfloat16"], reached["float32"], rtol=0.1)

@@ -18,7 +18,9 @@ MODEL = "efficientnet-lite0"
 
 SETTINGS: dict[str, dict[str, object]] = {
     "activations": {"layers": ["stem_relu", "block3_expand_relu", "block8_expand_relu", "top_relu"], "max_channels": 32},
-    "filters": {"layers": ["block2_expand_conv", "block5_project_conv", "block10_project_conv"], "count": 8, "size": 128},
+    # The chapter's pixel-space ascent beside Olah et al.'s Fourier parameterization.
+    "filters": {"layers": ["block2_expand_conv", "block5_project_conv", "block10_project_conv"], "count": 8, "size": 128,
+                "param": "both"},
     "gradcam": {"top": 5},
     # A few of the explanation methods beside Grad-CAM, one row per photo in the report.
     "gradcampp": {},

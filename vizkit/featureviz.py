@@ -29,7 +29,7 @@ from vizkit import kit
 __all__ = [
     "COLOR_CORRELATION", "OPTIMIZERS", "PARAMETERIZATIONS", "Optimizer", "Parameterization", "adam", "affine_matrix",
     "ascend_in_calls", "ascent", "channel_mean", "class_score", "decorrelate_colors", "diversity", "fourier",
-    "fourier_scale", "neuron", "normalized_steps", "pixel", "pixel_start", "robust_transform", "ROBUST_ANGLES", "ROBUST_SCALES",
+    "fast_precisions", "fourier_scale", "high_frequency_share", "in_precision", "PRECISIONS", "neuron", "normalized_steps", "pixel", "pixel_start", "robust_transform", "ROBUST_ANGLES", "ROBUST_SCALES",
 ]
 
 #: Lucid's square root of ImageNet's RGB colour covariance (its SVD square root), the
@@ -127,6 +127,18 @@ def fourier(height: int, width: int, channels: int, decay_power: float = 1.0) ->
 
 
 PARAMETERIZATIONS = {"pixel": pixel, "fourier": fourier}
+
+
+def high_frequency_share(pixels: np.ndarray, cutoff: float = 0.25) -> np.ndarray:
+    """Per image (N×H×W×C): the share of the power spectrum of its gray (the channels'
+    mean, its own mean removed) above ``cutoff`` cycles per pixel (default: half the
+    Nyquist frequency). White noise has about 0.80 there, the area of the frequency
+    square outside that radius; natural photos a few percent."""
+    gray = np.asarray(pixels, dtype="float64").mean(-1)
+    gray = gray - gray.mean(axis=(1, 2), keepdims=True)
+    power = np.abs(np.fft.fft2(gray)) ** 2
+    radius = np.hypot(np.fft.fftfreq(gray.shape[1])[:, None], np.fft.fftfreq(gray.shape[2])[None, :])
+    return power[:, radius > cutoff].sum(1) / np.maximum(power.sum((1, 2)), 1e-30)
 
 
 # -- transformation robustness ---------------------------------------------------------------
@@ -285,7 +297,8 @@ def ascent(
                 pixels = parameterization.to_pixels(params)
                 if transform is not None:
                     pixels = transform(pixels, ids, step)
-                total = tf.reduce_sum(objective(probe(preprocess(pixels), training=False), onehot))
+                outputs = tf.nest.map_structure(lambda t: tf.cast(t, tf.float32), probe(preprocess(pixels), training=False))
+                total = tf.reduce_sum(objective(outputs, onehot))
             params, state = optimizer.update(params, tape.gradient(total, params), state, step)
         return params, state
 
@@ -323,3 +336,60 @@ def ascend_in_calls(
             progress(done)
             reported = time.monotonic()
     return params, state
+
+
+# -- precision ---------------------------------------------------------------------------------
+
+#: The precisions an ascent can compute in; the lower ones only where hardware makes them fast.
+PRECISIONS = ("float32", "bfloat16", "float16")
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("flags"):
+                    return set(line.partition(":")[2].split())
+    except OSError:
+        pass
+    return set()
+
+
+def fast_precisions() -> dict[str, str]:
+    """{precision: the hardware that computes it faster than float32} on this machine:
+    a GPU of compute capability 7.0+ (float16) or 8.0+ (also bfloat16), where TensorFlow
+    runs the model; without a GPU, a CPU with AVX-512 BF16 or AMX (bfloat16). Elsewhere a
+    lower precision is emulated, slower than float32."""
+    import tensorflow as tf
+
+    found: dict[str, str] = {}
+    gpus = tf.config.list_physical_devices("GPU")
+    for gpu in gpus:
+        major, minor = tf.config.experimental.get_device_details(gpu).get("compute_capability") or (0, 0)
+        where = f"a GPU of compute capability {major}.{minor}"
+        if (major, minor) >= (7, 0):
+            found.setdefault("float16", where)
+        if (major, minor) >= (8, 0):
+            found.setdefault("bfloat16", where)
+    units = sorted(_cpu_flags() & {"avx512_bf16", "amx_bf16"})
+    if not gpus and units:
+        found["bfloat16"] = f"a CPU with {' and '.join(units)}"
+    return found
+
+
+def in_precision(model, precision: str):
+    """``model`` itself for float32, else a copy with the same weights whose layers
+    compute in ``precision`` (Keras' ``mixed_`` policy: float32 weights, nested models
+    too). The ascent casts what the probe returns back to float32."""
+    import keras
+
+    if precision == "float32":
+        return model
+    policy = keras.DTypePolicy(f"mixed_{precision}")
+
+    def clone(layer):
+        return layer.__class__.from_config(layer.get_config() | {"dtype": policy})
+
+    copy = keras.models.clone_model(model, clone_function=clone, recursive=True)
+    copy.set_weights(model.get_weights())
+    return copy
