@@ -336,28 +336,31 @@ def run(context) -> list[Artifact]:
         "precision": _precision(params["precision"], context),
     }
     chosen = params["param"] or ("fourier" if params["objective"] == "class" else "pixel")
-    artifacts = []
-    for param in ("pixel", "fourier") if chosen == "both" else (chosen,):
-        how = _describe(param, params, common["precision"])
-        if params["objective"] == "class":
-            classes = _classes(params, graph, context.labels)
+    artifacts: list[Artifact] = []
+    params_shown = ("pixel", "fourier") if chosen == "both" else (chosen,)
+    if params["objective"] == "class":
+        classes = _classes(params, graph, context.labels)
+        each = np.repeat(classes, variants)
+        for param in params_shown:
             pictures, pixels = class_patterns(graph, classes, param=param, **common)
-            each = np.repeat(classes, variants)
             seen = graph.class_scores(context.preprocess(pixels))[np.arange(len(each)), each]
             labels = [f"{kit.describe_class(c, context.labels)} {p:.2f}" for c, p in zip(each, seen)]
             artifacts.append(Artifact(
                 title=f"classes ({param})", array=pictures, picture=_grid(pictures, labels),
-                caption=f"{how}; under each, the class and the model's probability of it for that image",
+                caption=f"{_describe(param, params, common['precision'])}; under each, the class and the model's "
+                "probability of it for that image",
             ))
-            continue
-        for path in paths:
+        return artifacts
+    for path in paths:  # a layer's pixel and fourier grids next to each other
+        for param in params_shown:
             pictures, _ = filter_patterns(graph, path, filters=params["count"], param=param,
                                           objective=params["objective"], **common)
             indices = np.repeat(np.arange(len(pictures) // variants), variants)
             artifacts.append(Artifact(
                 title=f"{path} ({param})" if chosen == "both" else path,
                 array=pictures, picture=_grid(pictures, [str(i) for i in indices]), layer=path,
-                caption=f"filters 0-{indices[-1]} by their {params['objective']} objective, {how}",
+                caption=f"filters 0-{indices[-1]} by their {params['objective']} objective, "
+                f"{_describe(param, params, common['precision'])}",
             ))
     return artifacts
 

@@ -265,10 +265,10 @@ def test_param_both_puts_pixel_and_fourier_side_by_side_for_each_layer(tmp_path)
     result, data = run_filters(tmp_path, "filters.param=both", "filters.steps=4", "filters.layers=conv1,conv2")
     assert result.exit_code == 0, result.output
     artifacts = data["techniques"][0]["artifacts"]
-    assert [a["title"] for a in artifacts] == ["conv1 (pixel)", "conv2 (pixel)", "conv1 (fourier)", "conv2 (fourier)"]
+    assert [a["title"] for a in artifacts] == ["conv1 (pixel)", "conv1 (fourier)", "conv2 (pixel)", "conv2 (fourier)"]
     assert "4 normalized steps of 1" in artifacts[0]["caption"]
-    assert "4 adam steps of 0.05, transformation robustness" in artifacts[2]["caption"]
-    arrays = np.load(tmp_path / "out" / "arrays.npz")[artifacts[2]["array"]]
+    assert "4 adam steps of 0.05, transformation robustness" in artifacts[1]["caption"]
+    arrays = np.load(tmp_path / "out" / "arrays.npz")[artifacts[1]["array"]]
     assert arrays.shape == (3, 32, 32, 3) and arrays.dtype == np.uint8
 
 
