@@ -343,7 +343,7 @@ def run(context) -> list[Artifact]:
         each = np.repeat(classes, variants)
         for param in params_shown:
             pictures, pixels = class_patterns(graph, classes, param=param, **common)
-            seen = graph.class_scores(context.preprocess(pixels))[np.arange(len(each)), each]
+            seen = _at_size(graph, common["size"], None).class_scores(context.preprocess(pixels))[np.arange(len(each)), each]
             labels = [f"{kit.describe_class(c, context.labels)} {p:.2f}" for c, p in zip(each, seen)]
             artifacts.append(Artifact(
                 title=f"classes ({param})", array=pictures, picture=_grid(pictures, labels),

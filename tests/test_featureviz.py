@@ -345,3 +345,11 @@ def test_a_bfloat16_copy_computes_in_bfloat16_with_the_same_weights(nested_model
     start = probe(featureviz.fourier(32, 32, 3).to_pixels(featureviz.fourier(32, 32, 3).init(4, 0)).numpy()).numpy()
     assert (reached["float32"] > start.mean((1, 2))[np.arange(4), np.arange(4)]).all()
     np.testing.assert_allclose(reached["bfloat16"], reached["float32"], rtol=0.1)
+
+
+def test_class_images_at_another_size_than_the_models(tmp_path):
+    """The tiny model takes 32 px; its global pooling lets classes be drawn at 40."""
+    result, data = run_filters(tmp_path, "filters.objective=class", "filters.classes=1", "filters.steps=4", "filters.size=40")
+    assert result.exit_code == 0, result.output
+    (artifact,) = data["techniques"][0]["artifacts"]
+    assert artifact["shape"] == [1, 40, 40, 3]
