@@ -37,14 +37,15 @@ def initial_inputs(count: int, size: int, channels: int, seed: int) -> np.ndarra
 KEPT_BYTES = 4 + 8 + 2 + 1
 
 
-def memory_needed(graph, paths: list[str], count: int, size: int, batch: int) -> tuple[float, str]:
-    """(bytes, what for): about the memory of ``count`` patterns of ``size``×``size`` on
-    each layer of ``paths``, ``batch`` filters at a time: the largest batch's inputs and
-    every layer's output up to the layer, with their gradients, plus the patterns kept."""
+def memory_needed(graph, paths: list[str], count: int, size: int, batch: int, variants: int = 1) -> tuple[float, str]:
+    """(bytes, what for): about the memory of ``count`` filters' patterns (× ``variants``)
+    of ``size``×``size`` on each layer of ``paths``, ``batch`` patterns at a time (whole
+    groups of variants): the largest batch's inputs and every layer's output up to the
+    layer, with their gradients, plus the patterns kept."""
     peak, peak_at, kept = 0.0, (0, paths[0] if paths else ""), 0.0
     for path in paths:
-        filters = min(count, graph.info(path).shape[-1])
-        at_once = min(batch, filters)
+        filters = min(count, graph.info(path).shape[-1]) * variants
+        at_once = min(max(1, batch // variants) * variants, filters)
         ascent = at_once * kit.activation_bytes(graph, side=size, upto=path, gradients=True)
         if ascent > peak:
             peak, peak_at = ascent, (at_once, path)
@@ -53,12 +54,12 @@ def memory_needed(graph, paths: list[str], count: int, size: int, batch: int) ->
     return peak + kept, what
 
 
-def check_fits(graph, paths: list[str], count: int, size: int, batch: int) -> None:
+def check_fits(graph, paths: list[str], count: int, size: int, batch: int, variants: int = 1) -> None:
     """ValueError unless the patterns fit in memory (see :func:`memory_needed`), naming the
     largest size that does."""
     kit.check_memory(
-        size, lambda s: memory_needed(graph, paths, count, s, batch)[0],
-        memory_needed(graph, paths, count, size, batch)[1], "fewer filters at a time (batch)", low=8,
+        size, lambda s: memory_needed(graph, paths, count, s, batch, variants)[0],
+        memory_needed(graph, paths, count, size, batch, variants)[1], "fewer filters at a time (batch)", low=8,
     )
 
 
@@ -68,21 +69,25 @@ def check_fits(graph, paths: list[str], count: int, size: int, batch: int) -> No
 #: images take CLASS_STEPS to look like the class (at 128 the model already gives them
 #: p = 1.00, but they are pale: benchmarks/featureviz_quality.py --save).
 DEFAULTS = {
-    "pixel": {"steps": 40, "step": 1.0, "optimizer": "normalized", "transforms": "none"},
-    "fourier": {"steps": 128, "step": 0.05, "optimizer": "adam", "transforms": "standard"},
+    "pixel": {"steps": 40, "optimizer": "normalized", "transforms": "none"},
+    "fourier": {"steps": 128, "optimizer": "adam", "transforms": "standard"},
 }
 CLASS_STEPS = 256
+#: The step size each optimizer defaults to: the chapter's 1.0 on the normalized gradient,
+#: Lucid's learning rate for Adam.
+STEP = {"normalized": 1.0, "adam": 0.05}
 #: Weight of the diversity term against the objective, Lucid's ``-1e2 * diversity``.
 DIVERSITY = 100.0
 
 
 def settings(param: str, objective: str = "channel", **given) -> dict:
     """The ascent's settings for ``param`` and ``objective``: DEFAULTS (CLASS_STEPS for
-    fourier class images) with the values given (None: default)."""
+    fourier class images, the STEP of the optimizer) with the values given (None: default)."""
     if param not in DEFAULTS:
         raise ValueError(f"param must be one of {', '.join(DEFAULTS)}, not {param!r}")
     defaults = DEFAULTS[param] | ({"steps": CLASS_STEPS} if (param, objective) == ("fourier", "class") else {})
-    return defaults | {key: value for key, value in given.items() if value is not None}
+    chosen = defaults | {key: value for key, value in given.items() if value is not None}
+    return {"step": STEP[chosen["optimizer"]]} | chosen
 
 
 def with_diversity(score: Callable, variants: int, weight: float, split: Callable | None = None) -> Callable:
@@ -105,13 +110,14 @@ def optimize(
     graph, probe, objective: Callable, targets: list[int], width: int, size: int, *,
     param: str = "pixel", seed: int = 0, preprocess: Callable = lambda x: x, batch: int = 16, variants: int = 1,
     start: np.ndarray | None = None, progress: Callable[[str], None] = lambda message: None,
-    steps_per_call: int | None = None, what: str = "", **given,
+    steps_per_call: int | None = None, what: str = "", precision: str = "float32", **given,
 ) -> tuple[np.ndarray, np.ndarray]:
     """(pictures, pixels): ``variants`` images per target (a channel or class index out of
     ``width``), each optimized up ``objective(probe(...), onehot)``, uint8 as displayed and
     float32 0-255 as the model saw them (before transforms).
 
     ``given``: steps, step, optimizer, transforms (None: the DEFAULTS of ``param``).
+    ``precision``: what ``probe`` computes in, for the ascent's loss scale.
     Images go through in batches of ``batch`` (whole groups of variants), as compiled
     calls (see :func:`vizkit.featureviz.ascend_in_calls`); ``start`` overrides the
     parameterization's seeded start.
@@ -123,7 +129,8 @@ def optimize(
     optimizer = featureviz.OPTIMIZERS[chosen["optimizer"]](chosen["step"])
     count, steps = len(targets) * variants, chosen["steps"]
     transform = featureviz.robust_transform(size, seed, count) if chosen["transforms"] == "standard" else None
-    ascend = featureviz.ascent(probe, objective, parameterization, optimizer, preprocess, transform)
+    ascend = featureviz.ascent(probe, objective, parameterization, optimizer, preprocess, transform,
+                               featureviz.LOSS_SCALES[precision])
     params = parameterization.init(count, seed) if start is None else np.asarray(start, dtype="float32")
     each = np.repeat(np.asarray(targets), variants)
     per_batch = max(1, batch // variants) * variants
@@ -143,8 +150,9 @@ def optimize(
 
 def _in_precision(graph, precision: str):
     """The graph of a copy of the model computing in ``precision`` (the graph itself for
-    float32)."""
-    return graph if precision == "float32" else vizkit.ModelGraph.of(featureviz.in_precision(graph.model, precision))
+    float32 or when it already is such a copy)."""
+    model = featureviz.in_precision(graph.model, precision)
+    return graph if model is graph.model else vizkit.ModelGraph.of(model)
 
 
 def _at_size(graph, size: int, layer: str | None):
@@ -153,9 +161,22 @@ def _at_size(graph, size: int, layer: str | None):
     if graph.fixed_size in (None, (size, size)):
         return graph
     free = graph.free_size()
-    if (layer in free) if layer else free.has_output:
+    if layer:
+        if layer in free:
+            return free
+    elif free.has_output and _runs_at(free, size):
         return free
     raise ValueError(f"{layer or 'the output'} works only at the model's input size {graph.fixed_size}; set size to that")
+
+
+def _runs_at(graph, size: int) -> bool:
+    """Whether the model's output computes at ``size``: a Flatten → Dense head traces at a
+    free size but fails on anything but its own (one forward pass of zeros tells)."""
+    try:
+        graph.output_model(np.zeros((1, size, size, graph.channels), dtype="float32"), training=False)
+    except Exception:  # whatever Keras or TensorFlow raise for the mismatch
+        return False
+    return True
 
 
 def filter_patterns(
@@ -205,13 +226,13 @@ def filter_patterns(
     if objective not in OBJECTIVES or objective == "class":
         raise ValueError(f"objective must be channel or neuron for filter patterns, not {objective!r}")
     if start is None:
-        check_fits(graph, [path], len(indices) * variants, size, batch)
+        check_fits(graph, [path], len(indices), size, batch, variants)
     graph = _at_size(_in_precision(graph, precision), size, path)
     score = featureviz.neuron if objective == "neuron" else featureviz.channel_mean
     return optimize(
         graph, graph.probe([path]), with_diversity(score, variants, diversity), indices, channels_out, size,
         param=param, seed=seed, preprocess=preprocess, batch=batch, variants=variants, start=start,
-        progress=progress, steps_per_call=steps_per_call, what=f"{path}: filters ",
+        progress=progress, steps_per_call=steps_per_call, what=f"{path}: filters ", precision=precision,
         steps=steps, step=step, optimizer=optimizer, transforms=transforms,
     )
 
@@ -238,21 +259,36 @@ def class_patterns(
     """
     graph = vizkit.ModelGraph.of(model)
     score = score or ("logit" if graph.has_logits else "probability")
-    size = size or (graph.fixed_size[0] if graph.fixed_size and graph.fixed_size[0] == graph.fixed_size[1] else 224)
+    size = size or class_size(graph)
     width = graph.num_classes
     outside = [c for c in classes if not 0 <= c < width]
     if outside:
         raise ValueError(f"{graph.name} has classes 0-{width - 1}; no class {outside[0]}")
     graph = _at_size(_in_precision(graph, precision), size, None)
     if variants > 1 and diversity:
-        path = graph.resolve(diversity_layer, kit.conv_layer, "diversity") if diversity_layer else kit.conv_layers(graph)[-1]
+        path = graph.resolve(diversity_layer, kit.conv_layer, "diversity") if diversity_layer else _diversity_layer(graph)
         probe = graph.probe([path], score=score)
         objective = with_diversity(featureviz.class_score, variants, diversity, split=lambda outputs: tuple(outputs))
     else:  # no class scores: scores_model says why, before any work
         probe, objective = graph.scores_model(score), featureviz.class_score
     options["steps"] = settings(param, "class", steps=options.get("steps"))["steps"]
     return optimize(graph, probe, objective, list(classes), width, size, param=param, variants=variants,
-                    what="classes ", **options)
+                    what="classes ", precision=precision, **options)
+
+
+def class_size(graph) -> int:
+    """The size class images default to: the model's own input size, where the classifier
+    was trained to see (224 where it is free or not square)."""
+    fixed = graph.fixed_size
+    return fixed[0] if fixed and fixed[0] == fixed[1] else 224
+
+
+def _diversity_layer(graph) -> str:
+    """The last convolution layer, where class images' diversity is measured."""
+    convs = kit.conv_layers(graph)
+    if not convs:
+        raise ValueError(f"{graph.name} has no convolution layer to measure the diversity of its class images on; use variants=1")
+    return convs[-1]
 
 
 #: The objectives the technique offers.
@@ -264,10 +300,7 @@ def pattern_size(params, graph) -> int:
     own input size (224 where it is free), where the classifier was trained to see."""
     if params["size"]:
         return params["size"]
-    if params["objective"] != "class":
-        return 150
-    fixed = graph.fixed_size
-    return fixed[0] if fixed and fixed[0] == fixed[1] else 224
+    return class_size(graph) if params["objective"] == "class" else 150
 
 
 def _layer_paths(graph, params) -> tuple[list[str], str | None]:
@@ -301,10 +334,14 @@ def _precision(precision: str, context) -> str:
 
 
 def _check_objective(value: str, context) -> None:
-    """A class objective needs class scores: the graph says why a model has none."""
+    """A class objective needs class scores (the graph says why a model has none), a model
+    that runs at the size asked, and a convolution layer for the diversity of variants."""
     if value == "class":
-        graph = context.model
+        graph, params = context.model, context.params
         graph.scores_model("logit" if graph.has_logits else "probability")
+        _at_size(graph, pattern_size(params, graph), None)
+        if params["variants"] > 1 and params["diversity"]:
+            _diversity_layer(graph)
 
 
 def _describe(param: str, params, precision: str) -> str:
@@ -321,33 +358,51 @@ def _grid(pictures: np.ndarray, labels: list[str]) -> np.ndarray:
     return grid[..., 0] if grid.shape[-1] == 1 else grid
 
 
+def _note_ignored(params, context) -> None:
+    """Say which options given have no effect with the others."""
+    ignored = []
+    if params["classes"] and params["objective"] != "class":
+        ignored.append("classes (only for objective=class)")
+    if params["layers"] and params["objective"] == "class":
+        ignored.append("layers (a class objective runs the whole model)")
+    if params["diversity"] != DIVERSITY and params["variants"] == 1:
+        ignored.append("diversity (only with variants > 1)")
+    if ignored:
+        context.note("ignored: " + "; ".join(ignored))
+
+
 def run(context) -> list[Artifact]:
-    params, graph = context.params, context.model
-    paths, why = _layer_paths(graph, params)
+    params = context.params
+    paths, why = _layer_paths(context.model, params)
     if why:
         context.note(f"layers: {why}")
     if not paths:
         raise ValueError("the model has no convolution layers")
+    _note_ignored(params, context)
+    precision = _precision(params["precision"], context)
+    graph = _in_precision(context.model, precision)  # one copy for every layer
     variants = params["variants"]
     common = {
         key: params[key] for key in ("steps", "step", "optimizer", "transforms", "seed", "batch", "variants", "diversity")
     } | {
         "size": pattern_size(params, graph), "preprocess": context.preprocess, "progress": context.progress,
-        "precision": _precision(params["precision"], context),
+        "precision": precision,
     }
     chosen = params["param"] or ("fourier" if params["objective"] == "class" else "pixel")
-    artifacts: list[Artifact] = []
     params_shown = ("pixel", "fourier") if chosen == "both" else (chosen,)
+    spread = f", {variants} per filter pushed apart by diversity {params['diversity']:g}" if variants > 1 else ""
+    artifacts: list[Artifact] = []
     if params["objective"] == "class":
         classes = _classes(params, graph, context.labels)
         each = np.repeat(classes, variants)
+        scorer = _at_size(graph, common["size"], None)
         for param in params_shown:
             pictures, pixels = class_patterns(graph, classes, param=param, **common)
-            seen = _at_size(graph, common["size"], None).class_scores(context.preprocess(pixels))[np.arange(len(each)), each]
+            seen = kit.class_scores(scorer, context.preprocess(pixels), batch=params["batch"])[np.arange(len(each)), each]
             labels = [f"{kit.describe_class(c, context.labels)} {p:.2f}" for c, p in zip(each, seen)]
             artifacts.append(Artifact(
                 title=f"classes ({param})", array=pictures, picture=_grid(pictures, labels),
-                caption=f"{_describe(param, params, common['precision'])}; under each, the class and the model's "
+                caption=f"{_describe(param, params, precision)}{spread}; under each, the class and the model's "
                 "probability of it for that image",
             ))
         return artifacts
@@ -360,7 +415,7 @@ def run(context) -> list[Artifact]:
                 title=f"{path} ({param})" if chosen == "both" else path,
                 array=pictures, picture=_grid(pictures, [str(i) for i in indices]), layer=path,
                 caption=f"filters 0-{indices[-1]} by their {params['objective']} objective, "
-                f"{_describe(param, params, common['precision'])}",
+                f"{_describe(param, params, precision)}{spread}",
             ))
     return artifacts
 
@@ -387,15 +442,14 @@ def _check_memory(name: str) -> Callable:
         if not paths:
             return  # run() says there are no convolution layers
         variants = params["variants"]
-        per_target = variants if name == "count" else 1
         targets = len(_classes(params, graph, context.labels)) if params["objective"] == "class" else params["count"]
-        current = {"size": pattern_size(params, graph), "batch": params["batch"], "count": targets * variants}
+        current = {"size": pattern_size(params, graph), "batch": params["batch"], "count": targets}
         defaults = {option.name: option.default for option in TECHNIQUE.options}
-        baseline = defaults | {"size": pattern_size(params | {"size": None}, graph), "count": defaults["count"] * variants}
+        baseline = defaults | {"size": pattern_size(params | {"size": None}, graph)}
 
         def needs(**changed) -> float:
             values = current | changed
-            return memory_needed(graph, paths, values["count"], values["size"], values["batch"])[0]
+            return memory_needed(graph, paths, values["count"], values["size"], values["batch"], variants)[0]
 
         needed = needs()
         if needed <= kit.memory_budget():
@@ -403,9 +457,9 @@ def _check_memory(name: str) -> Callable:
         growth = {key: needed / needs(**{key: min(current[key], baseline[key])}) for key in SIZING}
         if max(SIZING, key=growth.__getitem__) != name:
             return
-        what = memory_needed(graph, paths, current["count"], current["size"], current["batch"])[1]
+        what = memory_needed(graph, paths, current["count"], current["size"], current["batch"], variants)[1]
         minimum = int(next(option.minimum for option in TECHNIQUE.options if option.name == name))
-        kit.check_memory(value, lambda v: needs(**{name: v * per_target}), what, OTHER_FIX[name], low=minimum)
+        kit.check_memory(value, lambda v: needs(**{name: v}), what, OTHER_FIX[name], low=minimum)
 
     return check
 

@@ -17,7 +17,7 @@ import tensorflow as tf
 from PIL import Image
 
 from vizkit import ModelGraph, featureviz, kit
-from vizkit.plugins.filters import class_patterns, filter_patterns
+from vizkit.plugins.filters import class_patterns, filter_patterns, memory_needed, with_diversity
 from vizkit.testing import tiny_classifier
 
 
@@ -92,7 +92,21 @@ def test_diversity_equals_lucids_formula():
     grams = [g / np.linalg.norm(g) for g in grams]
     for i in range(6):
         group = range(i // 3 * 3, i // 3 * 3 + 3)
-        assert got[i] == pytest.approx(sum(np.sum(grams[i] * grams[j]) for j in group if j != i) / 3, rel=1e-5)
+        assert got[i] == pytest.approx(sum(np.sum(grams[i] * grams[j]) for j in group if j != i), rel=1e-5)
+
+
+def test_the_objective_with_diversity_is_lucids_times_the_group_size():
+    """Lucid: channel(layer, n) − 100 × diversity(layer), the channel mean averaged over the
+    batch, the pairs' similarity summed and divided by the batch size."""
+    rng = np.random.default_rng(2)
+    activations = rng.normal(size=(4, 5, 5, 6)).astype("float32")
+    onehot = tf.one_hot([2, 2, 2, 2], 6)
+    objective = with_diversity(featureviz.channel_mean, variants=4, weight=100.0)
+    total = float(tf.reduce_sum(objective(tf.constant(activations), onehot)))
+    grams = [a.reshape(-1, 6).T @ a.reshape(-1, 6) for a in activations.astype("float64")]
+    grams = [g / np.linalg.norm(g) for g in grams]
+    lucid = activations[..., 2].mean() - 100 * sum(np.sum(grams[i] * grams[j]) for i in range(4) for j in range(4) if i != j) / 4
+    assert total == pytest.approx(4 * lucid, rel=1e-5)
 
 
 def test_objectives_pick_each_images_own_channel():
@@ -353,3 +367,41 @@ def test_class_images_at_another_size_than_the_models(tmp_path):
     assert result.exit_code == 0, result.output
     (artifact,) = data["techniques"][0]["artifacts"]
     assert artifact["shape"] == [1, 40, 40, 3]
+
+
+def flatten_head(size: int = 32, classes: int = 4) -> keras.Model:
+    inputs = keras.Input((size, size, 3))
+    x = keras.layers.Conv2D(4, 3, activation="relu", name="conv")(inputs)
+    x = keras.layers.Flatten()(x)
+    return keras.Model(inputs, keras.layers.Dense(classes, activation="softmax", name="head")(x))
+
+
+def test_class_images_at_another_size_on_a_flatten_head_are_a_usage_error(tmp_path):
+    """A Flatten → Dense head traces at a free size but only runs at its own."""
+    result, _ = run_filters(tmp_path, "filters.objective=class", "filters.size=40", model=flatten_head())
+    assert result.exit_code == 2 and "works only at the model's input size (32, 32); set size to that" in result.output, result.output
+    result, data = run_filters(tmp_path, "filters.objective=class", "filters.steps=2", model=flatten_head())
+    assert result.exit_code == 0, result.output  # at its own size it works
+
+
+def test_class_variants_without_a_convolution_layer_are_a_usage_error(tmp_path):
+    inputs = keras.Input((8, 8, 3))
+    dense_only = keras.Model(inputs, keras.layers.Dense(3, activation="softmax")(keras.layers.Flatten()(inputs)))
+    result, _ = run_filters(tmp_path, "filters.objective=class", "filters.variants=2", "filters.size=8", model=dense_only)
+    assert result.exit_code == 2 and "no convolution layer to measure the diversity" in result.output, result.output
+
+
+def test_memory_counts_the_variants_and_their_whole_groups():
+    graph = ModelGraph.of(tiny_classifier())
+    one = memory_needed(graph, ["conv1"], 8, 150, 16)[0]
+    # 8 filters × 4 variants keep 4× the patterns; a batch of 1 still runs a group of 4 at once
+    assert memory_needed(graph, ["conv1"], 8, 150, 16, variants=4)[0] > memory_needed(graph, ["conv1"], 32, 150, 16)[0]
+    assert memory_needed(graph, ["conv1"], 8, 150, 1, variants=4)[1].startswith("(gradient ascent of 4 filters at a time")
+    assert memory_needed(graph, ["conv1"], 8, 150, 16, variants=1)[0] == one
+
+
+def test_options_without_effect_are_noted(tmp_path):
+    result, data = run_filters(tmp_path, "filters.classes=1", "filters.diversity=5", "filters.steps=2")
+    assert result.exit_code == 0, result.output
+    (note,) = [n for n in data["techniques"][0]["notes"] if n.startswith("ignored")]
+    assert "classes (only for objective=class)" in note and "diversity (only with variants > 1)" in note

@@ -27,9 +27,11 @@ import numpy as np
 from vizkit import kit
 
 __all__ = [
-    "COLOR_CORRELATION", "OPTIMIZERS", "PARAMETERIZATIONS", "Optimizer", "Parameterization", "adam", "affine_matrix",
-    "ascend_in_calls", "ascent", "channel_mean", "class_score", "decorrelate_colors", "diversity", "fourier",
-    "fast_precisions", "fourier_scale", "high_frequency_share", "in_precision", "PRECISIONS", "neuron", "normalized_steps", "pixel", "pixel_start", "robust_transform", "ROBUST_ANGLES", "ROBUST_SCALES",
+    "COLOR_CORRELATION", "FOURIER_IMAGE_SCALE", "FOURIER_INIT_SD", "JITTER_PER_224PX", "LOSS_SCALES",
+    "OPTIMIZERS", "PARAMETERIZATIONS", "PRECISIONS", "Optimizer", "Parameterization", "ROBUST_ANGLES",
+    "ROBUST_SCALES", "adam", "affine_matrix", "ascend_in_calls", "ascent", "channel_mean", "class_score",
+    "decorrelate_colors", "diversity", "fast_precisions", "fourier", "fourier_scale", "high_frequency_share",
+    "in_precision", "neuron", "normalized_steps", "pixel", "pixel_start", "robust_transform",
 ]
 
 #: Lucid's square root of ImageNet's RGB colour covariance (its SVD square root), the
@@ -46,11 +48,11 @@ FOURIER_IMAGE_SCALE = 1 / 4
 
 
 #: Olah et al.'s transformation robustness (Lucid's ``standard_transforms``): scales and
-#: angles (degrees) drawn per image and step; jitter in pixels per 16 px of image side
-#: (Lucid's 8 + 4 px of jitter at 128-224 px inputs).
+#: angles (degrees) drawn per image and step; the shift's reach in pixels per 224 px of
+#: image side (Lucid's ``jitter(8)`` and ``jitter(4)`` are random crops: ±4 and ±2 px).
 ROBUST_SCALES = tuple(1 + (i - 5) / 50 for i in range(11))
 ROBUST_ANGLES = tuple(range(-10, 11)) + (0,) * 5
-JITTER_PER_16PX = 1
+JITTER_PER_224PX = 6
 
 
 @dataclass(frozen=True)
@@ -161,7 +163,7 @@ def affine_matrix(scale, angle, shift, height: int, width: int):
 def robust_transform(size: int, seed: int, count: int, jitter: int | None = None) -> Callable:
     """Olah et al.'s transformation robustness as one random affine map per image and step:
     a scale from :data:`ROBUST_SCALES`, a rotation from :data:`ROBUST_ANGLES` and a shift
-    of up to ``jitter`` pixels each way (default: 1 per 16 px of ``size``), about the
+    of up to ``jitter`` pixels each way (default: Lucid's ±6 per 224 px of ``size``), about the
     centre, with gray (127.5) where the map leaves the image, as Lucid's gray padding.
 
     Returns ``transform(pixels, ids, step)``: ``ids`` says which of the ``count`` images
@@ -171,7 +173,7 @@ def robust_transform(size: int, seed: int, count: int, jitter: int | None = None
     import keras
     import tensorflow as tf
 
-    jitter = max(1, round(size * JITTER_PER_16PX / 16)) if jitter is None else jitter
+    jitter = max(1, round(size * JITTER_PER_224PX / 224)) if jitter is None else jitter
     scales = tf.constant(ROBUST_SCALES, tf.float32)
     angles = tf.constant(np.radians(ROBUST_ANGLES), tf.float32)
 
@@ -259,8 +261,10 @@ def class_score(scores, onehot):
 def diversity(activations, variants: int):
     """Per image: Lucid's diversity penalty within its group of ``variants`` consecutive
     images (the patterns of one target): the summed cosine similarity of its activations'
-    Gram matrix with each other member's, ÷ ``variants``. Subtracting it pushes the
-    patterns of one channel apart in style."""
+    Gram matrix with each other member's. Summed over a group and subtracted (× a
+    weight) from the summed objective, it is ``variants`` × Lucid's ``objective −
+    weight × diversity`` (Lucid averages the objective over the batch and divides the
+    pairs' sum by the batch size). It pushes the patterns of one channel apart in style."""
     import tensorflow as tf
 
     batch, channels = tf.shape(activations)[0], activations.shape[-1]
@@ -269,7 +273,7 @@ def diversity(activations, variants: int):
     grams = tf.math.l2_normalize(tf.reshape(grams, (batch // variants, variants, -1)), axis=-1)
     similarity = tf.linalg.matmul(grams, grams, transpose_b=True)  # groups × variants × variants
     others = tf.reduce_sum(similarity, axis=-1) - tf.linalg.diag_part(similarity)
-    return tf.reshape(others, (batch,)) / variants
+    return tf.reshape(others, (batch,))
 
 
 # -- the ascent --------------------------------------------------------------------------------
@@ -277,7 +281,7 @@ def diversity(activations, variants: int):
 
 def ascent(
     probe, objective: Callable, parameterization: Parameterization, optimizer: Optimizer,
-    preprocess: Callable = lambda x: x, transform: Callable | None = None,
+    preprocess: Callable = lambda x: x, transform: Callable | None = None, loss_scale: float = 1.0,
 ):
     """A compiled ``ascend(params, state, onehot, ids, first, steps) -> (params, state)``.
 
@@ -285,6 +289,9 @@ def ascent(
     from step number ``first``, each up ``objective(probe(preprocess(pixels)), onehot)``,
     a score per image; the pixels come from ``parameterization`` and, when a
     ``transform(pixels, ids, step)`` is given, are transformed before the model sees them.
+    ``loss_scale`` multiplies the objective: float16 layers then pass gradients too small
+    for float16 (a channel mean's: about 1e-8 to 1e-6) without flushing them to zero; both
+    optimizers are (up to their epsilon) indifferent to the gradient's scale.
     """
     import tensorflow as tf
 
@@ -298,7 +305,7 @@ def ascent(
                 if transform is not None:
                     pixels = transform(pixels, ids, step)
                 outputs = tf.nest.map_structure(lambda t: tf.cast(t, tf.float32), probe(preprocess(pixels), training=False))
-                total = tf.reduce_sum(objective(outputs, onehot))
+                total = tf.reduce_sum(objective(outputs, onehot)) * loss_scale
             params, state = optimizer.update(params, tape.gradient(total, params), state, step)
         return params, state
 
@@ -342,6 +349,8 @@ def ascend_in_calls(
 
 #: The precisions an ascent can compute in; the lower ones only where hardware makes them fast.
 PRECISIONS = ("float32", "bfloat16", "float16")
+#: The ``loss_scale`` of an ascent per precision: float16's range ends at 6e-8.
+LOSS_SCALES = {"float32": 1.0, "bfloat16": 1.0, "float16": 2.0**12}
 
 
 def _cpu_flags() -> set[str]:
@@ -380,11 +389,12 @@ def fast_precisions() -> dict[str, str]:
 def in_precision(model, precision: str):
     """``model`` itself for float32, else a copy with the same weights whose layers
     compute in ``precision`` (Keras' ``mixed_`` policy: float32 weights, nested models
-    too). The ascent casts what the probe returns back to float32."""
+    too), from the weights it has now; such a copy is returned as it is. The ascent casts
+    what the probe returns back to float32."""
     import keras
 
-    if precision == "float32":
-        return model
+    if model.__dict__.get("_vizkit_precision", "float32") == precision:
+        return model  # float32, or a copy this function made
     policy = keras.DTypePolicy(f"mixed_{precision}")
 
     def clone(layer):
@@ -392,4 +402,5 @@ def in_precision(model, precision: str):
 
     copy = keras.models.clone_model(model, clone_function=clone, recursive=True)
     copy.set_weights(model.get_weights())
+    copy.__dict__["_vizkit_precision"] = precision  # beside Keras' attribute tracking
     return copy
