@@ -313,8 +313,9 @@ class ModelGraph:
 
     @property
     def has_output(self) -> bool:
-        """Whether the output could be traced: false for a free-size trace of a model whose
-        head needs its fixed size (Flatten → Dense)."""
+        """Whether the output could be traced: false for a free-size trace whose head could
+        not be traced without the fixed size. A head that traces but only runs at its own
+        size (Flatten → Dense, in Keras 3) reads true: run it to know."""
         return self._output is not None
 
     @property
