@@ -67,10 +67,11 @@ def _save_traceback(error: BaseException) -> str:
 
 
 def _progress(quiet: bool):
-    """Messages on stderr when a person is watching: not with --quiet or when piped."""
-    if quiet or not sys.stderr.isatty():
-        return lambda message: None
-    return lambda message: click.echo(f"vizkit: {message}", err=True)
+    """Progress on stderr: a bar per step on a terminal, a line per step when piped,
+    nothing with --quiet (failures are printed either way)."""
+    from vizkit.progress import for_stderr
+
+    return for_stderr(quiet)
 
 
 def _parse_settings(values: tuple[str, ...]) -> dict[str, dict[str, str]]:
@@ -143,7 +144,7 @@ def main():
 @click.option("--config", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="Technique options from a TOML file; default: [tool.vizkit] in ./pyproject.toml.")
 @click.option("--max-report-mb", "max_report_mb", type=click.FloatRange(min=0, min_open=True), metavar="N",
               help="Fail (exit 2, nothing written) when the report would be larger than N MB (10**6 bytes), all its files together.")
-@click.option("-q", "--quiet", is_flag=True, help="No progress messages.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress on stderr (a bar per technique on a terminal, else a line per technique); failures are still printed.")
 @plugin_options
 def run(model, inputs, techniques, metrics, no_metrics, outdir, preprocess, settings, weights, size, labels, output, save_arrays, config, max_report_mb, quiet, plugins, disabled, overwrite):
     """Apply techniques to MODEL for the images INPUTS (files or folders) and write a report.
@@ -326,7 +327,7 @@ def _describe(item, plugin: str, flag: str, with_options: bool) -> None:
 @main.command()
 @click.option("-o", "--outdir", type=click.Path(file_okay=False, path_type=Path), help="Report folder; default: a new one under reports/.")
 @click.option("--overwrite", is_flag=True, help=OVERWRITE_HELP)
-@click.option("-q", "--quiet", is_flag=True)
+@click.option("-q", "--quiet", is_flag=True, help="No progress on stderr; failures are still printed.")
 def demo(outdir, overwrite, quiet):
     """Write a report on vizkit's own demo model and sample images (works offline)."""
     from vizkit.demo import run_demo

@@ -24,6 +24,7 @@ from vizkit.config import merge
 from vizkit.extension import ReportSection
 from vizkit.labels import LabelsError, read_labels
 from vizkit.metric import Explanation
+from vizkit.progress import Progress, as_progress, counted, step
 from vizkit.report import ArtifactRecord, ImageRecord, MeasurementRecord, MetricRecord, Report, TechniqueRecord
 from vizkit.safe_read import display_path, path_bytes, path_entry, report_path
 from vizkit.technique import Artifact, OptionError, RunContext, suggest
@@ -243,14 +244,16 @@ def run(
     inputs: list[str | Path],
     options: RunOptions | None = None,
     outdir: Path | None = None,
-    progress: Callable[[str], None] = lambda message: None,
+    progress: Progress | Callable[[str], None] = lambda message: None,
     pm=None,
 ) -> tuple[Report, Path]:
     """Run the selected techniques and write the report; returns (report, path of index.html).
 
     ``model`` is a model spec as on the command line, or a ``keras.Model``. ``pm`` is a
     plugin host to use instead of one built from ``options.plugins`` and
-    ``options.disabled_plugins`` (give one or the other).
+    ``options.disabled_plugins`` (give one or the other). ``progress`` is a
+    ``progress(message)`` callable or a :class:`vizkit.progress.Progress`, which learns
+    per step (reading the images, each technique, each metric) how much is done.
 
     Raises UsageError (nothing written) for bad arguments or a model that cannot load,
     and ``report_folder.ReportNotWritten`` (an OSError) when the report cannot be written
@@ -258,6 +261,7 @@ def run(
     A failing image or technique is recorded in the report instead (``report.failed``).
     """
     options = options or RunOptions()
+    tracker = as_progress(progress)
     if pm is not None and (options.plugins or options.disabled_plugins):
         raise UsageError("give plugins either in RunOptions or as a plugin host (pm), not both")
     planned = plan(options, pm)
@@ -293,7 +297,7 @@ def run(
 
         tf.config.experimental.enable_op_determinism()
         keras.utils.set_random_seed(0)  # random weights (--weights none, factories) too
-    progress(f"loading model {display_path(str(getattr(model, 'name', model)))}")
+    tracker.message(f"loading model {display_path(str(getattr(model, 'name', model)))}")
     try:
         loaded = load_model(model, weights=options.weights, size=options.size, loaders=host.model_loaders(pm))
         whole = ModelGraph.of(loaded.model)
@@ -331,7 +335,7 @@ def run(
         raise UsageError(str(error)) from None
 
     size = graph.fixed_size or ((options.size, options.size) if options.size else None)
-    images = image_io.load_all(files, graph.channels, size, progress, max_side=FREE_SIZE_MAX_SIDE)
+    images = _read_images(files, graph.channels, size, tracker)
     for image in images:
         if image.error:
             print(f"vizkit: {display_path(image.path)}: {image.error}", file=sys.stderr)
@@ -342,7 +346,7 @@ def run(
     for registered in selected:
         context = contexts[registered.technique.name]
         context.images = good
-        record, artifacts = _run_technique(registered, context, progress)
+        record, artifacts = _run_technique(registered, context, tracker)
         records.append(record)
         if registered.technique.comparable and artifacts:
             explanations.append((record, Explanation(registered.technique, record.params, artifacts)))
@@ -350,7 +354,7 @@ def run(
     for registered in planned.metrics if explanations else []:
         context = contexts[registered.metric.name]
         context.images = good
-        metric_records.append(_run_metric(registered, context, explanations, progress))
+        metric_records.append(_run_metric(registered, context, explanations, tracker))
     report = Report(
         vizkit_version=__version__,
         created=created.isoformat(),
@@ -378,7 +382,7 @@ def run(
     )
     folder = folder or report_folder.claim_new(lambda: default_outdir(loaded.name, created))
     outdir = folder.path
-    progress(f"writing {display_path(outdir)}")
+    tracker.message(f"writing {display_path(outdir)}")
     max_bytes = None if options.max_report_mb is None else int(options.max_report_mb * render.MB)
     try:
         index = _write(report, folder, _apply_report_hooks(pm, report), max_bytes)
@@ -465,36 +469,54 @@ def _image_record(image: image_io.LoadedImage) -> ImageRecord:
     )
 
 
-def _run_technique(registered, context: RunContext, progress) -> tuple[TechniqueRecord, list[Artifact]]:
-    """Run one technique; whatever it raises is recorded, never passed on."""
+def _read_images(files: list[Path], channels: int, size, tracker: Progress) -> list[image_io.LoadedImage]:
+    """Decode each file (``images.load_all``, one file at a time: a progress step)."""
+    images = []
+    with step(tracker, "reading images", len(files)) as reading:
+        for image_id, path in zip(image_io.unique_ids(files), files):
+            tracker.message(display_path(path))
+            images.append(image_io.load(path, image_id, channels, size, FREE_SIZE_MAX_SIDE))
+            reading.advance()
+        failed = sum(not image.ok for image in images)
+        if failed:
+            reading.finish("partial", f"{failed} could not be decoded")
+    return images
+
+
+def _run_technique(registered, context: RunContext, tracker: Progress) -> tuple[TechniqueRecord, list[Artifact]]:
+    """Run one technique, as a progress step (of its images, for a ``run_batch`` one);
+    whatever it raises is recorded, never passed on."""
     technique = registered.technique
     record = TechniqueRecord(
         technique.name, registered.plugin, technique.description, "ok", context.params, comparable=technique.comparable
     )
-    if not context.images:
-        record.status, record.error = "skipped", "no image could be read"
-        return record, []
-    context.progress = lambda message: progress(f"{technique.name}: {message}")
-    progress(f"{technique.name}: running")
-    started = time.perf_counter()
-    artifacts: list[Artifact] = []
-    try:
-        if technique.run_batch is None:
-            artifacts = technique.checked(technique.run(context))
-        else:
-            if technique.prepare is not None:
-                technique.prepare(context)
-            artifacts = _run_batches(technique, context, record)
-    except KeyboardInterrupt:
-        raise
-    except BaseException as error:  # a plugin's failure must not cost the rest of the report
-        record.status = "error"
-        record.error = f"{type(error).__name__}: {error}"
-        record.traceback = _traceback(error)
-        print(f"vizkit: technique {technique.name} failed: {record.error}", file=sys.stderr)
-    if record.image_errors and record.status == "ok":
-        record.status = "partial" if artifacts else "error"
-        record.error = record.error or f"{len(record.image_errors)} image(s) failed"
+    total = len(context.images) if technique.run_batch is not None else None
+    with step(tracker, technique.name, total) as running:
+        if not context.images:
+            record.status, record.error = "skipped", "no image could be read"
+            running.finish(record.status, record.error)
+            return record, []
+        context.progress = tracker.message
+        started = time.perf_counter()
+        artifacts: list[Artifact] = []
+        try:
+            if technique.run_batch is None:
+                artifacts = technique.checked(technique.run(context))
+            else:
+                if technique.prepare is not None:
+                    technique.prepare(context)
+                artifacts = _run_batches(technique, context, record, tracker)
+        except KeyboardInterrupt:
+            raise
+        except BaseException as error:  # a plugin's failure must not cost the rest of the report
+            record.status = "error"
+            record.error = f"{type(error).__name__}: {error}"
+            record.traceback = _traceback(error)
+            tracker.error(f"technique {technique.name} failed: {record.error}")
+        if record.image_errors and record.status == "ok":
+            record.status = "partial" if artifacts else "error"
+            record.error = record.error or f"{len(record.image_errors)} image(s) failed"
+        running.finish(record.status, record.error)
     if not context.reproducible:
         record.duration_s = round(time.perf_counter() - started, 3)
     record.notes = context.notes
@@ -502,47 +524,56 @@ def _run_technique(registered, context: RunContext, progress) -> tuple[Technique
     return record, artifacts
 
 
-def _run_metric(registered, context: RunContext, explanations: list, progress) -> MetricRecord:
-    """Measure each technique's explanations with one metric; its failures are recorded
-    (per technique), never passed on."""
+def _run_metric(registered, context: RunContext, explanations: list, tracker: Progress) -> MetricRecord:
+    """Measure each technique's explanations with one metric, as a progress step (of the
+    techniques measured); its failures are recorded (per technique), never passed on."""
     metric = registered.metric
     record = MetricRecord(metric.name, registered.plugin, metric.description, context.params, list(metric.columns))
     started = time.perf_counter()
-    for measured, explanation in explanations:
-        context.progress = lambda message, name=measured.name: progress(f"{metric.name} of {name}: {message}")
-        progress(f"{metric.name} of {measured.name}: measuring")
-        try:
-            measurements = metric.measure(context, explanation)
-        except KeyboardInterrupt:
-            raise
-        except BaseException as error:  # a metric's failure costs only its own numbers
-            message = f"{type(error).__name__}: {error}"
-            record.errors.append({"technique": measured.name, "error": message, "traceback": _traceback(error)})
-            print(f"vizkit: metric {metric.name} failed on {measured.name}: {message}", file=sys.stderr)
-            continue
-        measured.evidence += [
-            MeasurementRecord(metric.name, m.values, m.image_id, m.caption, list(m.curves), m.picture, m.warning)
-            for m in measurements
-        ]
+    with step(tracker, metric.name, len(explanations), "techniques") as measuring:
+        for measured, explanation in explanations:
+            context.progress = tracker.message  # the built-in metrics name the technique
+            tracker.message(f"{measured.name}: measuring")
+            try:
+                measurements = metric.measure(context, explanation)
+            except KeyboardInterrupt:
+                raise
+            except BaseException as error:  # a metric's failure costs only its own numbers
+                message = f"{type(error).__name__}: {error}"
+                record.errors.append({"technique": measured.name, "error": message, "traceback": _traceback(error)})
+                tracker.error(f"metric {metric.name} failed on {measured.name}: {message}")
+                continue
+            finally:
+                measuring.advance()
+            measured.evidence += [
+                MeasurementRecord(metric.name, m.values, m.image_id, m.caption, list(m.curves), m.picture, m.warning)
+                for m in measurements
+            ]
+        if record.errors:
+            status = "error" if len(record.errors) == len(explanations) else "partial"
+            measuring.finish(status, f"failed on {len(record.errors)} of {counted(len(explanations), 'techniques')}")
     if not context.reproducible:
         record.duration_s = round(time.perf_counter() - started, 3)
     record.notes = context.notes
     return record
 
 
-def _run_batches(technique, context: RunContext, record: TechniqueRecord) -> list[Artifact]:
+def _run_batches(technique, context: RunContext, record: TechniqueRecord, tracker: Progress) -> list[Artifact]:
     """Each batch through ``run_batch``; a batch that fails is retried image by image, so
-    one bad image costs only its own artifacts (recorded in ``record.image_errors``)."""
+    one bad image costs only its own artifacts (recorded in ``record.image_errors``).
+    ``tracker`` hears of each image done, failed ones included."""
     artifacts: list[Artifact] = []
     for group in context.groups(context.params.get("batch") or technique.batch_size):
         try:
             artifacts += technique.checked(technique.run_batch(context, context.batch_of(group)))
+            tracker.advance(len(group))
             continue
         except KeyboardInterrupt:
             raise
         except BaseException as error:
             if len(group) == 1:
-                _image_failed(technique, record, group[0], error)
+                _image_failed(technique, record, group[0], error, tracker)
+                tracker.advance(1)
                 continue
         for image in group:
             try:
@@ -550,14 +581,15 @@ def _run_batches(technique, context: RunContext, record: TechniqueRecord) -> lis
             except KeyboardInterrupt:
                 raise
             except BaseException as error:
-                _image_failed(technique, record, image, error)
+                _image_failed(technique, record, image, error, tracker)
+            tracker.advance(1)
     return artifacts
 
 
-def _image_failed(technique, record: TechniqueRecord, image, error: Exception) -> None:
+def _image_failed(technique, record: TechniqueRecord, image, error: Exception, tracker: Progress) -> None:
     message = f"{type(error).__name__}: {error}"
     record.image_errors.append({"image_id": image.id, "error": message, "traceback": _traceback(error)})
-    print(f"vizkit: technique {technique.name} failed on {display_path(image.path)}: {message}", file=sys.stderr)
+    tracker.error(f"technique {technique.name} failed on {display_path(image.path)}: {message}")
 
 
 def _artifact_records(technique: str, artifacts) -> list[ArtifactRecord]:
