@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")  # the kernels a run uses (vizkit.tensorflow_setup)
 
 import keras
 import numpy as np

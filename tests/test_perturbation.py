@@ -131,7 +131,7 @@ def test_occlusion_default_geometry_and_gray_fill():
     maps, chosen = occlusion(model, pixels, preprocess)
     expected, cls = reference_occlusion(model, head, pixels[0], preprocess, 4, 2, 128.0, None, "probability")
     assert chosen[0] == cls
-    np.testing.assert_allclose(maps[0], expected, atol=1e-6)
+    np.testing.assert_allclose(maps[0], expected, atol=1e-5)  # float32 sums: oneDNN adds in its own order
 
 
 def quadrant_model(size: int = 32) -> keras.Model:
@@ -162,14 +162,14 @@ def test_occlusion_known_answer_lights_exactly_the_quadrant():
     expected = np.zeros((32, 32), "float32")
     expected[16:, 16:] = 0.25
     assert classes[0] == 0
-    np.testing.assert_allclose(maps[0], expected, atol=1e-6)
+    np.testing.assert_allclose(maps[0], expected, atol=1e-5)  # float32 sums: oneDNN adds in its own order
 
     # overlapping patches: patches straddling the quadrant's edge drop part of it, so
     # pixels near it light up too, but nothing beyond one patch from the quadrant does
     maps, _ = occlusion(model, white, patch=8, stride=4, fill=0.0, classes=0, score="logit")
     assert (maps[0][16:, 16:] > 0).all()
     assert np.abs(maps[0][:9, :]).max() < 1e-6 and np.abs(maps[0][:, :9]).max() < 1e-6  # float rounding only
-    assert maps[0][20:28, 20:28].min() == pytest.approx(0.25, abs=1e-6)  # inside: every covering patch hides 64 px
+    assert maps[0][20:28, 20:28].min() == pytest.approx(0.25, abs=1e-5)  # inside: every covering patch hides 64 px
 
     # class 1's logit is 0 whatever the pixels: no drop anywhere
     flat, _ = occlusion(model, white, patch=8, stride=8, fill=0.0, classes=1, score="logit")
