@@ -66,6 +66,20 @@ def _isolated_environment(tmp_path_factory):
             os.environ[name] = value
 
 
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory, request):
+    """A folder shared by one test module's tests (named after the module)."""
+    return tmp_path_factory.mktemp(request.module.__name__.removeprefix("test_"))
+
+
+@pytest.fixture(scope="module")
+def model_file(workdir):
+    """The tiny model saved once per test module."""
+    path = workdir / "tiny.keras"
+    build_tiny().save(path)
+    return path
+
+
 @pytest.fixture
 def tiny_model() -> keras.Model:
     return build_tiny()

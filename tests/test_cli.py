@@ -35,18 +35,6 @@ def invoke(*args, env=None):
 
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
-    return tmp_path_factory.mktemp("cli")
-
-
-@pytest.fixture(scope="module")
-def model_file(workdir):
-    path = workdir / "tiny.keras"
-    build_tiny().save(path)
-    return path
-
-
-@pytest.fixture(scope="module")
 def pictures(workdir):
     return write_sample_folder(workdir / "pictures")
 

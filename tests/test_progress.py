@@ -47,18 +47,6 @@ def screen(drawn: str) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
-    return tmp_path_factory.mktemp("progress")
-
-
-@pytest.fixture(scope="module")
-def model_file(workdir):
-    path = workdir / "tiny.keras"
-    build_tiny().save(path)
-    return path
-
-
-@pytest.fixture(scope="module")
 def pictures(workdir):
     """Three real image files."""
     folder = workdir / "pictures"
