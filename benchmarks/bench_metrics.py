@@ -72,7 +72,7 @@ def main() -> None:
     from vizkit import images as image_io
     from vizkit.models import load_model
     from vizkit.plugins import faithfulness, randomization
-    from vizkit.runner import add_predictions
+    from vizkit.chunk import add_predictions
 
     load_before = load_average()
     loaded = load_model("efficientnet-lite0")

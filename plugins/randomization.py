@@ -373,6 +373,7 @@ METRIC = Metric(
         "what the model learned."
     ),
     evaluate=evaluate,
+    per_image=False,  # the first `images` images: the run's first chunk
     columns=(
         Column("spearman", "rank corr., all weights random", "lower"),
         Column("ssim", "SSIM, all weights random", "lower"),

@@ -303,7 +303,7 @@ def test_the_random_baseline_is_shared_by_techniques_and_independent_of_image_or
     # notes once per run, not once per technique
     assert len(context.notes) == len(set(context.notes)) == 2
     assert "blurred with RISE's Gaussian kernel" in context.notes[0]
-    assert context.notes[1].startswith("Random maps (7×7 uniform values upsampled, seed 0") and "over 3 image(s)" in context.notes[1]
+    assert context.notes[1].startswith("Random maps (7×7 uniform values upsampled, seed 0") and "summary table" in context.notes[1]
 
     cache.clear()
     reordered = RunContext(context.model, context.images[::-1], context.params, context.preprocess)
@@ -332,7 +332,7 @@ def test_the_metric_is_registered(vizkit_host):
 
     registered = host.metrics(vizkit_host())
     assert registered["faithfulness"].metric is METRIC
-    assert [column.better for column in METRIC.columns] == ["lower", "higher"]
+    assert [column.better for column in METRIC.columns] == ["lower", "higher", "", ""]  # then the random maps' yardstick
 
 
 def test_the_baseline_follows_the_model_when_its_weights_change(vizkit_context):

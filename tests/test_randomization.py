@@ -29,7 +29,7 @@ from vizkit import Artifact, Explanation, ModelGraph, Option, RunContext, Techni
 from vizkit import images as image_io
 from vizkit.plugins import gradcam, randomization
 from vizkit.preprocess import unit
-from vizkit.runner import add_predictions
+from vizkit.chunk import add_predictions
 from vizkit.testing import tiny_classifier
 
 

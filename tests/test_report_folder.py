@@ -16,7 +16,7 @@ import textwrap
 
 import pytest
 
-from vizkit import files, report_folder
+from vizkit import files, report_folder, runner
 from vizkit.exitcodes import ExitCode
 
 QUICK = ("-t", "activations", "-s", "activations.max_channels=4", "--no-metrics")
@@ -93,8 +93,8 @@ def test_a_new_report_replaces_the_old_one_completely(vizkit_cli, vizkit_model_f
     "code, nth, message",
     [
         (errno.ENOSPC, 1, "no space left on {out}: nothing was written"),
-        (errno.ENOSPC, 3, "no space left on {out}: nothing was written"),
-        (errno.EDQUOT, 2, "disk quota exceeded on {out}: nothing was written"),
+        (errno.ENOSPC, 2, "no space left on {out}: nothing was written"),
+        (errno.EDQUOT, 1, "disk quota exceeded on {out}: nothing was written"),
     ],
 )
 def test_a_full_disk_leaves_the_old_report_as_it_was(vizkit_cli, vizkit_model_file, vizkit_images, old_report, reports,
@@ -105,9 +105,25 @@ def test_a_full_disk_leaves_the_old_report_as_it_was(vizkit_cli, vizkit_model_fi
     assert result.exit_code == ExitCode.WRITE_ERROR == 4, result.output
     assert len(calls) == nth
     lines = [line for line in result.stderr.splitlines() if "nothing was written" in line]
-    assert lines == [f"vizkit: {message.format(out=old_report)}; the report already there is unchanged"]
+    assert lines == [f"vizkit: {message.format(out=old_report)}; the report already there is unchanged; "
+                     "the 3 images done are kept: rerun with --resume once there is room"]
     assert "Traceback" not in result.output and "internal error" not in result.output
     assert snapshot(old_report) == before  # byte for byte
+    assert sorted(os.listdir(reports)) == [".out.vizkit-partial", "out"]  # the work done, for --resume
+
+
+def test_resume_after_a_full_disk_writes_the_report_without_redoing_the_work(
+        vizkit_cli, vizkit_model_file, vizkit_images, old_report, reports, monkeypatch):
+    with pytest.MonkeyPatch.context() as full:
+        fail_nth_write(full, 1, OSError(errno.ENOSPC, "No space left on device"))
+        assert vizkit_cli("run", vizkit_model_file, vizkit_images, *QUICK, "-o", old_report).exit_code == ExitCode.WRITE_ERROR
+    explained = []
+    real = runner.explain_chunk
+    monkeypatch.setattr(runner, "explain_chunk", lambda *args, **kwargs: explained.append(args[1]) or real(*args, **kwargs))
+    result = vizkit_cli("run", vizkit_model_file, vizkit_images, *QUICK, "-o", old_report, "--resume")
+    assert result.exit_code == ExitCode.OK, result.output
+    assert explained == [] and "resuming: 3 of 3 images were done" in result.stderr
+    assert len(images_of(old_report)) == 3
     assert os.listdir(reports) == ["out"]
 
 
@@ -116,8 +132,8 @@ def test_a_full_disk_on_a_new_folder_writes_nothing(vizkit_cli, vizkit_model_fil
     fail_nth_write(monkeypatch, 2, OSError(errno.ENOSPC, "No space left on device"))
     result = vizkit_cli("run", vizkit_model_file, vizkit_images, *QUICK, "-o", out)
     assert result.exit_code == ExitCode.WRITE_ERROR, result.output
-    assert f"vizkit: no space left on {out}: nothing was written\n" in result.stderr
-    assert not (tmp_path / "new").exists()  # the parents the run made are gone too
+    assert f"vizkit: no space left on {out}: nothing was written; the 3 images done are kept" in result.stderr
+    assert os.listdir(out.parent) == [".out.vizkit-partial"]  # nothing else: no report, no lock
 
 
 def test_ctrl_c_while_writing_leaves_the_old_report(vizkit_cli, vizkit_model_file, vizkit_images, old_report, reports,
@@ -128,7 +144,7 @@ def test_ctrl_c_while_writing_leaves_the_old_report(vizkit_cli, vizkit_model_fil
     assert result.exit_code == ExitCode.INTERRUPTED, result.output
     assert "interrupted; no report was written" in result.output
     assert snapshot(old_report) == before
-    assert os.listdir(reports) == ["out"]
+    assert sorted(os.listdir(reports)) == [".out.vizkit-partial", "out"]
     assert not report_folder.is_claimed(old_report)
 
 
@@ -138,7 +154,7 @@ def test_a_failed_swap_puts_the_old_report_back(vizkit_cli, vizkit_model_file, v
 
     def rename(source, target, *args, **kwargs):
         renames.append((os.path.basename(source), os.path.basename(target)))
-        if os.path.basename(source).startswith(".out.vizkit-new-"):
+        if os.path.basename(source) == ".out.vizkit-partial":
             raise OSError(errno.EIO, "Input/output error")
         return real_rename(source, target, *args, **kwargs)
 
@@ -148,10 +164,10 @@ def test_a_failed_swap_puts_the_old_report_back(vizkit_cli, vizkit_model_file, v
     assert f"could not write {old_report}: Input/output error: nothing was written" in result.stderr
     (aside, backup), (new, _), (back, _) = [pair for pair in renames if "out" in pair]
     assert aside == "out" and backup.startswith(".out.vizkit-old-")  # moved aside,
-    assert new.startswith(".out.vizkit-new-")  # the new one failed to take its place,
+    assert new == ".out.vizkit-partial"  # the new one failed to take its place,
     assert back == backup  # and the old one was put back
     assert snapshot(old_report) == before
-    assert os.listdir(reports) == ["out"]
+    assert sorted(os.listdir(reports)) == [".out.vizkit-partial", "out"]
 
 
 def test_a_report_moved_aside_by_a_killed_run_is_put_back(old_report, reports):

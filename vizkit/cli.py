@@ -17,7 +17,8 @@ from vizkit.config import ConfigError, load_settings
 from vizkit.exitcodes import ExitCode
 from vizkit.images import MAX_SIZE
 from vizkit.report_folder import ReportNotWritten
-from vizkit.runner import MIN_SIZE, RunOptions, UsageError
+from vizkit.report_pages import PAGE_SIZE
+from vizkit.runner import CHUNK, EXECUTORS, LAYOUTS, MIN_SIZE, RunOptions, UsageError
 from vizkit.safe_read import display_path, printable
 from vizkit.tensorflow_setup import start_tensorflow
 
@@ -38,6 +39,11 @@ class VizkitGroup(click.Group):
         except KeyboardInterrupt as interrupt:
             written = getattr(interrupt, "vizkit_written", None)  # Ctrl-C just after the report was in place
             outcome = f"the report in {display_path(written)} was written" if written else "no report was written"
+            partial = getattr(interrupt, "vizkit_partial", None)  # (folder, images done, images)
+            if partial and partial[1]:
+                folder, done, total = partial
+                outcome += (f"; the {done} of {total} images done are kept: run the same command with --resume "
+                            f"(and -o {display_path(folder)}) to continue")
             click.echo(f"vizkit: interrupted; {outcome}", err=True)
             ctx.exit(ExitCode.INTERRUPTED)
         except ReportNotWritten as error:  # a full disk: its message is one line and names the folder
@@ -144,9 +150,19 @@ def main():
 @click.option("--config", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="Technique options from a TOML file; default: [tool.vizkit] in ./pyproject.toml.")
 @click.option("--max-report-mb", "max_report_mb", type=click.FloatRange(min=0, min_open=True), metavar="N",
               help="Fail (exit 2, nothing written) when the report would be larger than N MB (10**6 bytes), all its files together.")
+@click.option("--layout", type=click.Choice(LAYOUTS), default="auto", show_default=True,
+              help=f"single: one self-contained index.html; folder: a summary index.html, pages of images and PNG files beside them; auto: single up to {PAGE_SIZE} images.")
+@click.option("--chunk", type=click.IntRange(min=1), default=CHUNK, show_default=True, metavar="N",
+              help="Images explained together, then written out: what is in memory at once, and the most --resume redoes.")
+@click.option("--resume", is_flag=True, help="Continue the interrupted run in -o FOLDER (same inputs and options), without redoing the images it finished.")
+@click.option("--executor", type=click.Choice(EXECUTORS), default="in-process", show_default=True,
+              help="Where the chunks are explained: in this process, or mapped over a Ray cluster (pip install 'vizkit[ray]').")
+@click.option("--address", metavar="ADDRESS", help="With --executor ray: the cluster's address (ray://host:10001, or auto); default: a local Ray started for the run.")
+@click.option("--workers", type=click.IntRange(min=1), metavar="N", help="With --executor ray: model replicas (Ray actors).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress on stderr (a bar per technique on a terminal, else a line per technique); failures are still printed.")
 @plugin_options
-def run(model, inputs, techniques, metrics, no_metrics, outdir, preprocess, settings, weights, size, labels, output, save_arrays, config, max_report_mb, quiet, plugins, disabled, overwrite):
+def run(model, inputs, techniques, metrics, no_metrics, outdir, preprocess, settings, weights, size, labels, output, save_arrays, config, max_report_mb,
+        layout, chunk, resume, executor, address, workers, quiet, plugins, disabled, overwrite):
     """Apply techniques to MODEL for the images INPUTS (files or folders) and write a report.
 
     MODEL is a .keras or .h5 file, a keras.applications name (vgg16, resnet50,
@@ -181,6 +197,12 @@ def run(model, inputs, techniques, metrics, no_metrics, outdir, preprocess, sett
         overwrite=overwrite,
         output=output,
         max_report_mb=max_report_mb,
+        layout=layout,
+        chunk=chunk,
+        resume=resume,
+        executor=executor,
+        address=address,
+        workers=workers,
     )
     try:
         report, index = run_report(model, list(inputs), options, outdir, progress=_progress(quiet), pm=pm)

@@ -149,6 +149,10 @@ class Metric:
     options: tuple[Option, ...] = ()
     #: Runs whenever comparable techniques run (unless switched off); False: only when named.
     by_default: bool = True
+    #: Its measurements are per image and need only that image's explanations: a run
+    #: in chunks of images measures every chunk. False (a sample, as ``randomization``'s
+    #: first images, or numbers over all images at once): only the first chunk is measured.
+    per_image: bool = True
 
     def __post_init__(self) -> None:
         if not self.name or "." in self.name or "=" in self.name:

@@ -1,6 +1,9 @@
-"""Writing a Report as one self-contained ``index.html``, ``report.json`` and ``arrays.npz``.
+"""Writing a Report: ``report.json`` and ``arrays.npz``, and either one self-contained
+``index.html`` (layout ``single``: pictures inlined as data URIs) or a summary page and
+pages of images linking to the PNG files beside them (layout ``folder``; see
+:mod:`vizkit.report_pages`).
 
-Pillow, Jinja2 and NumPy only. The files are rendered in memory, then the folder is
+Pillow, Jinja2 and NumPy only. The pages are rendered in memory, then the folder is
 published whole (:mod:`vizkit.report_folder`): a failed or interrupted run leaves the
 folder as it was, and a new report replaces an earlier one entirely.
 """
@@ -19,10 +22,11 @@ from pathlib import Path
 
 import jinja2
 import numpy as np
-from PIL import Image
 
 from vizkit import report_folder
+from vizkit.pictures import FOLDER, Picture, png_bytes
 from vizkit.report import Report
+from vizkit.report_pages import layout_of, subset
 
 #: Pictures narrower than this are scaled up (nearest neighbour) by an integer factor.
 MIN_DISPLAY_WIDTH = 320
@@ -30,9 +34,31 @@ MIN_DISPLAY_WIDTH = 320
 
 def png_data_uri(picture: np.ndarray) -> str:
     """A PNG data URI; Pillow writes no time or text chunks, so equal pixels give equal bytes."""
-    buffer = io.BytesIO()
-    Image.fromarray(np.ascontiguousarray(picture)).save(buffer, format="PNG", compress_level=6)
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+    return _data_uri(png_bytes(picture))
+
+
+def _data_uri(png: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
+
+
+@dataclass
+class Sources:
+    """Where a page's ``<img>`` finds a picture: inlined (``root`` holds the files of the
+    report's :class:`Picture` objects) or, with ``base``, a link relative to the page."""
+
+    root: Path | None = None
+    base: str | None = None  # "" for index.html, "../" for pages/*.html; None: inline
+
+    def __call__(self, picture) -> str:
+        if not isinstance(picture, Picture):
+            return png_data_uri(picture)  # an array (a plugin template's own picture)
+        if self.base is not None:
+            return self.base + picture.path
+        if picture.png is not None:
+            return _data_uri(picture.png)
+        if self.root is None:
+            raise ValueError(f"{picture.path}: the report's pictures are files; render it with their folder (root)")
+        return _data_uri((self.root / picture.path).read_bytes())
 
 
 def display_width(picture: np.ndarray) -> int:
@@ -69,7 +95,7 @@ class Theme:
     template_dirs: list[Path] = field(default_factory=list)
 
 
-def _environment(theme: Theme) -> jinja2.Environment:
+def _environment(theme: Theme, sources: Sources | None = None) -> jinja2.Environment:
     builtin = jinja2.FileSystemLoader(str(resources.files("vizkit.templates")))
     env = jinja2.Environment(
         # A plugin's report.html shadows vizkit's; "vizkit/report.html" still reaches the original.
@@ -83,7 +109,7 @@ def _environment(theme: Theme) -> jinja2.Environment:
         trim_blocks=True,
         lstrip_blocks=True,
     )
-    env.filters["png"] = png_data_uri
+    env.filters["png"] = sources or Sources()
     env.filters["display_width"] = display_width
     env.filters["chart_lines"] = chart_lines
     # Each page renders in an environment of its own: the ids of its full-size views
@@ -98,11 +124,35 @@ def inert_css(text: str) -> str:
     return re.sub(r"</(?=style)", r"<\\/", text, flags=re.IGNORECASE)
 
 
-def render_html(report: Report, theme: Theme | None = None) -> str:
-    theme = theme or Theme()
+def _css(theme: Theme) -> str:
     css = (resources.files("vizkit.templates") / "report.css").read_text(encoding="utf-8")
-    css = "\n".join([css, *map(inert_css, theme.css)])
-    return _environment(theme).get_template("report.html").render(report=report, css=css)
+    return "\n".join([css, *map(inert_css, theme.css)])
+
+
+def render_html(report: Report, theme: Theme | None = None, root: Path | None = None) -> str:
+    """The one-page report; ``root``: the folder holding its pictures' files."""
+    theme = theme or Theme()
+    return _environment(theme, Sources(root)).get_template("report.html").render(report=report, css=_css(theme))
+
+
+def render_pages(report: Report, theme: Theme | None = None) -> dict[str, str]:
+    """The folder layout's pages, name → HTML: ``index.html`` (the summary) and the
+    pages of images and of classes under ``pages/``, linking to the pictures' files."""
+    theme = theme or Theme()
+    css, layout = _css(theme), layout_of(report)
+    pages = {"index.html": _environment(theme, Sources(base="")).get_template("summary.html").render(
+        report=report, css=css, layout=layout)}
+    for number, page in enumerate(layout.pages):
+        neighbours = {
+            "previous": layout.pages[number - 1] if number else None,
+            "next": layout.pages[number + 1] if number + 1 < len(layout.pages) else None,
+        }
+        pages[page.name] = _environment(theme, Sources(base="../")).get_template("page.html").render(
+            report=subset(report, page.images), css=css, page=page, layout=layout, **neighbours)
+    for klass in layout.classes:
+        pages[klass.name] = _environment(theme, Sources(base="../")).get_template("class.html").render(
+            report=report, css=css, klass=klass, layout=layout)
+    return pages
 
 
 def _npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
@@ -136,27 +186,36 @@ class ReportTooLarge(ValueError):
 MB = 1_000_000
 
 
-def check_size(files: dict[str, bytes], max_bytes: int | None) -> None:
-    """ReportTooLarge when the files together exceed ``max_bytes`` (None: no limit)."""
-    size = sum(len(data) for data in files.values())
-    if max_bytes is not None and size > max_bytes:
-        raise ReportTooLarge(size, max_bytes, {name: len(data) for name, data in files.items()})
+def check_size(files: dict[str, bytes], max_bytes: int | None, written: dict[str, int] | None = None) -> None:
+    """ReportTooLarge when the files together, and those ``written`` already (name →
+    bytes), exceed ``max_bytes`` (None: no limit)."""
+    sizes = {name: len(data) for name, data in files.items()} | (written or {})
+    if max_bytes is not None and sum(sizes.values()) > max_bytes:
+        if len(sizes) > 4:  # a folder report: pages and pictures by kind
+            kinds: dict[str, int] = {}
+            for name, size in sizes.items():
+                kind = name.split("/")[0] if "/" in name else name
+                kinds[kind] = kinds.get(kind, 0) + size
+            sizes = kinds
+        raise ReportTooLarge(sum(sizes.values()), max_bytes, sizes)
 
 
-def render_files(report: Report, theme: Theme | None = None) -> dict[str, bytes]:
-    """The report's files, rendered in memory: name → bytes (``arrays.npz`` only when
-    the report saves arrays)."""
-    files = {
-        "report.json": (json.dumps(report.to_json(), indent=2, ensure_ascii=False, allow_nan=False) + "\n").encode(),
-        "index.html": render_html(report, theme).encode("utf-8"),
-    }
-    if report.arrays_saved:
+def render_files(report: Report, theme: Theme | None = None, root: Path | None = None) -> dict[str, bytes]:
+    """The report's files, rendered in memory: name → bytes. ``root``: the folder where
+    the run wrote its pictures (and ``arrays.npz``); without it, the pictures are arrays
+    and ``arrays.npz`` is made here, when the report saves arrays."""
+    files = {"report.json": (json.dumps(report.to_json(), indent=2, ensure_ascii=False, allow_nan=False) + "\n").encode()}
+    if report.layout == "folder":
+        files.update((name, html.encode("utf-8")) for name, html in render_pages(report, theme).items())
+    else:
+        files["index.html"] = render_html(report, theme, root).encode("utf-8")
+    if report.arrays_saved and root is None:
         files["arrays.npz"] = _npz_bytes(report.arrays())
     return files
 
 
 def write(report: Report, outdir: Path | report_folder.ReportFolder, theme: Theme | None = None,
-          max_bytes: int | None = None) -> Path:
+          max_bytes: int | None = None, staged: Path | None = None, drop: tuple[str, ...] = ()) -> Path:
     """Write the report into ``outdir``, as a whole; returns the path of index.html.
 
     Everything is rendered in memory first, then published: the folder ends up holding
@@ -167,9 +226,17 @@ def write(report: Report, outdir: Path | report_folder.ReportFolder, theme: Them
     is writing, is then refused (``report_folder.FolderRefused``). ``max_bytes``: the
     largest the files may be together; larger, :class:`ReportTooLarge` and nothing written.
     """
-    files = render_files(report, theme)
-    check_size(files, max_bytes)
+    files = render_files(report, theme, staged)
+    if report.layout == "single":
+        drop = (*drop, FOLDER)  # the page holds the pictures
+    written = {}
+    if staged is not None:
+        written = {
+            name: p.stat().st_size for p in staged.rglob("*")
+            if p.is_file() and (name := p.relative_to(staged).as_posix()).split("/")[0] not in drop
+        }
+    check_size(files, max_bytes, written)
     if isinstance(outdir, report_folder.ReportFolder):
-        return outdir.publish(files)
+        return outdir.publish(files, staged, drop)
     with report_folder.claim(Path(outdir)) as folder:
-        return folder.publish(files)
+        return folder.publish(files, staged, drop)

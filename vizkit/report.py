@@ -7,6 +7,8 @@ from typing import Any
 
 import numpy as np
 
+from vizkit.pictures import Picture
+
 
 @dataclass
 class ImageRecord:
@@ -17,10 +19,10 @@ class ImageRecord:
     error: str | None = None
     warnings: list[str] = field(default_factory=list)
     predictions: list[dict] = field(default_factory=list)
-    picture: np.ndarray | None = None  # the input as shown; not in the JSON
+    picture: Picture | np.ndarray | None = None  # the input as shown
     path_bytes: str | None = None  # the exact name in hex, where ``path`` had to escape it
 
-    def to_json(self) -> dict:
+    def to_json(self, files: bool = False) -> dict:
         return {
             "id": self.id,
             "path": self.path,
@@ -30,28 +32,47 @@ class ImageRecord:
             "error": self.error,
             "warnings": self.warnings,
             "predictions": self.predictions,
+            "picture": picture_file(self.picture, files),
         }
+
+    @property
+    def top(self) -> dict | None:
+        """The top prediction (index, label, score), or None."""
+        return self.predictions[0] if self.predictions else None
+
+
+def picture_file(picture, files: bool) -> str | None:
+    """A picture's path in report.json: where the report keeps pictures as files."""
+    return picture.path if files and isinstance(picture, Picture) else None
 
 
 @dataclass
 class ArtifactRecord:
     title: str
-    picture: np.ndarray
-    array: np.ndarray
+    picture: Picture | np.ndarray
+    #: The numbers; None once a chunk's arrays were written (or dropped, without --save-arrays).
+    array: np.ndarray | None
     image_id: str | None
     layer: str | None
     caption: str
     key: str  # its name in arrays.npz
+    shape: tuple[int, ...] = ()  # the array's; from ``array`` when not given
+    dtype: str = ""
 
-    def to_json(self, arrays_saved: bool) -> dict:
+    def __post_init__(self) -> None:
+        if self.array is not None and not self.dtype:
+            self.shape, self.dtype = tuple(int(n) for n in self.array.shape), str(self.array.dtype)
+
+    def to_json(self, arrays_saved: bool, files: bool = False) -> dict:
         return {
             "title": self.title,
             "image_id": self.image_id,
             "layer": self.layer,
             "caption": self.caption,
             "array": self.key if arrays_saved else None,
-            "shape": list(self.array.shape),
-            "dtype": str(self.array.dtype),
+            "shape": list(self.shape),
+            "dtype": self.dtype,
+            "picture": picture_file(self.picture, files),
         }
 
 
@@ -65,10 +86,10 @@ class MeasurementRecord:
     image_id: str | None = None
     caption: str = ""
     curves: list = field(default_factory=list)  # vizkit.Curve
-    picture: np.ndarray | None = None  # not in the JSON
+    picture: Picture | np.ndarray | None = None
     warning: str | None = None
 
-    def to_json(self) -> dict:
+    def to_json(self, files: bool = False) -> dict:
         return {
             "metric": self.metric,
             "image_id": self.image_id,
@@ -78,6 +99,7 @@ class MeasurementRecord:
                 {"label": c.label, "values": list(c.values), "color": c.color, "dashed": c.dashed} for c in self.curves
             ],
             "warning": self.warning,
+            "picture": picture_file(self.picture, files),
         }
 
 
@@ -133,7 +155,7 @@ class TechniqueRecord:
         ids = [a.image_id for a in self.artifacts]
         return len(ids) == len(set(ids))
 
-    def to_json(self, arrays_saved: bool) -> dict:
+    def to_json(self, arrays_saved: bool, files: bool = False) -> dict:
         return {
             "name": self.name,
             "plugin": self.plugin,
@@ -145,8 +167,8 @@ class TechniqueRecord:
             "duration_s": self.duration_s,
             "params": self.params,
             "notes": self.notes,
-            "artifacts": [a.to_json(arrays_saved) for a in self.artifacts],
-            "evidence": [m.to_json() for m in self.evidence],
+            "artifacts": [a.to_json(arrays_saved, files) for a in self.artifacts],
+            "evidence": [m.to_json(files) for m in self.evidence],
         }
 
 
@@ -164,6 +186,11 @@ class Report:
     sections: list[dict] = field(default_factory=list)  # title, html, data
     plugin_errors: list[str] = field(default_factory=list)  # report hooks that raised
     metrics: list[MetricRecord] = field(default_factory=list)
+    #: ``single``: one page, pictures inlined; ``folder``: a summary page, pages of
+    #: images, pictures as PNG files beside them (paths in report.json).
+    layout: str = "single"
+    #: Where the chunks of images were explained: ``in-process`` or ``ray``.
+    executor: str = "in-process"
 
     def summary(self) -> list[dict]:
         """The summary table's rows: for each technique the metrics measured, the mean of
@@ -228,13 +255,16 @@ class Report:
         )
 
     def to_json(self) -> dict:
+        files = self.layout == "folder"
         return {
             "vizkit_version": self.vizkit_version,
             "created": self.created,
+            "layout": self.layout,
+            "executor": self.executor,
             "model": self.model,
-            "images": [image.to_json() for image in self.images],
+            "images": [image.to_json(files) for image in self.images],
             "skipped_files": self.skipped_files,
-            "techniques": [t.to_json(self.arrays_saved) for t in self.techniques],
+            "techniques": [t.to_json(self.arrays_saved, files) for t in self.techniques],
             "metrics": [m.to_json() for m in self.metrics],
             "summary": self.summary(),
             "sections": [
@@ -246,4 +276,5 @@ class Report:
         }
 
     def arrays(self) -> dict[str, np.ndarray]:
-        return {a.key: a.array for t in self.techniques for a in t.artifacts}
+        """The arrays still in memory, by key (a streamed run's are in files)."""
+        return {a.key: a.array for t in self.techniques for a in t.artifacts if a.array is not None}

@@ -62,6 +62,11 @@ except ImportError:  # Windows: no flock; runs on one folder are not serialized 
 
 #: The files of a report folder, in the order they are put in place: the page last.
 REPORT_FILES = ("arrays.npz", "report.json", "index.html")
+#: The folders of a report in the folder layout: its pictures and its pages of images.
+REPORT_FOLDERS = ("pictures", "pages")
+#: The kind of hidden folder (``.NAME.vizkit-partial``, or ``.vizkit-partial`` inside the
+#: folder) where a run writes as it goes; it stays after an interrupted run, for --resume.
+PARTIAL = "partial"
 #: The start of the names vizkit gives its own temporary entries inside a folder.
 INNER_PREFIX = ".vizkit-"
 #: ``report.json`` as vizkit writes it: a JSON object whose first key is vizkit_version.
@@ -123,7 +128,7 @@ class ReportNotWritten(OSError):
 def _inner_temporary(name: str) -> bool:
     """One of the names vizkit itself makes inside a folder (its lock, a ``new-*`` folder
     of files being written): a user's own ``.vizkit-notes`` is not one."""
-    return name == f"{INNER_PREFIX}lock" or re.fullmatch(re.escape(INNER_PREFIX) + r"new-[A-Za-z0-9_]+", name) is not None
+    return name in (f"{INNER_PREFIX}lock", f"{INNER_PREFIX}{PARTIAL}") or re.fullmatch(re.escape(INNER_PREFIX) + r"new-[A-Za-z0-9_]+", name) is not None
 
 
 def classify(folder: Path) -> tuple[str, list[str]]:
@@ -136,7 +141,11 @@ def classify(folder: Path) -> tuple[str, list[str]]:
         return "missing", []
     if not names:
         return "empty", []
-    foreign = [name for name in names if name not in REPORT_FILES or not _is_regular(folder / name)]
+    foreign = [
+        name for name in names
+        if not (name in REPORT_FILES and _is_regular(folder / name))
+        and not (name in REPORT_FOLDERS and os.path.isdir(folder / name) and not os.path.islink(folder / name))
+    ]
     if foreign:
         return "foreign", foreign
     if "report.json" in names and _is_vizkit_json(folder / "report.json"):
@@ -393,9 +402,20 @@ class ReportFolder:
 
     # ------------------------------------------------------------------- publishing
 
-    def publish(self, files: dict[str, bytes]) -> Path:
+    def partial(self) -> Path:
+        """The hidden folder where this run writes as it goes (pictures, and what
+        ``--resume`` reads): beside the folder, or inside it where the folder cannot be
+        renamed. Published by :meth:`publish` (``staged``); kept when the run stops short."""
+        if self._renamable():
+            return self.real.parent / self._sibling(PARTIAL)
+        return self.real / f"{INNER_PREFIX}{PARTIAL}"
+
+    def publish(self, files: dict[str, bytes], staged: Path | None = None, drop: tuple[str, ...] = ()) -> Path:
         """Put ``files`` (name → bytes) in the folder as a whole, replacing what vizkit
         wrote there before (a stale ``arrays.npz`` included); returns the page's path.
+        ``staged``: the :meth:`partial` folder, holding what the run already wrote (its
+        pictures), published with the files but for its entries named in ``drop``
+        (deleted once the report is in place); it stays as it was if publishing fails.
 
         ReportNotWritten for any OSError on the way: the folder is then as it was. The
         claim is released once the report is in place.
@@ -411,9 +431,9 @@ class ReportFolder:
                     f"({', '.join(map(display_path, foreign[:3]))}): nothing was written", self.path,
                 )
             if kind == "missing" or (kind in ("empty", "report") and self._renamable()):
-                backup = self._swap(files, replace=kind != "missing")
+                backup = self._swap(files, replace=kind != "missing", staged=staged, drop=drop)
             else:
-                self._fill(files, stale="arrays.npz" not in files)
+                self._fill(files, staged, drop)
         except ReportNotWritten:
             raise
         except OSError as error:
@@ -428,18 +448,24 @@ class ReportFolder:
             raise
         return self.path / "index.html"
 
-    def _write_all(self, folder: Path, files: dict[str, bytes]) -> list[str]:
-        order = [name for name in REPORT_FILES if name in files] + [name for name in files if name not in REPORT_FILES]
-        for name in order:
+    def _write_all(self, folder: Path, files: dict[str, bytes], drop: tuple[str, ...] = ()) -> list[str]:
+        """Write ``files`` (names may have folders: ``pages/images-1.html``) into
+        ``folder``; returns the top-level entries of the report but ``drop``, in
+        publishing order."""
+        for name in files:
+            if "/" in name:
+                (folder / name).parent.mkdir(parents=True, exist_ok=True)
             file_io.write_new(folder / name, files[name])
-        return order
+        entries = sorted(entry.name for entry in os.scandir(folder) if entry.name not in drop)
+        first = [name for name in entries if name not in REPORT_FILES]  # folders before the page
+        return first + [name for name in REPORT_FILES if name in entries]
 
-    def _swap(self, files: dict[str, bytes], replace: bool) -> Path | None:
-        """Write a new folder beside this one and rename it over this one; returns the
-        backup of the earlier folder (to delete), if there was one."""
+    def _swap(self, files: dict[str, bytes], replace: bool, staged: Path | None = None, drop: tuple[str, ...] = ()) -> Path | None:
+        """Write a new folder beside this one (or complete ``staged``) and rename it over
+        this one; returns the backup of the earlier folder (to delete), if there was one."""
         parent = self.real.parent
         mode = stat.S_IMODE(os.stat(self.real).st_mode) if replace else file_io.default_mode(folder=True)
-        new = Path(tempfile.mkdtemp(dir=parent, prefix=self._sibling("new-")))
+        new = staged or Path(tempfile.mkdtemp(dir=parent, prefix=self._sibling("new-")))
         backup = parent / f"{self._sibling('old-')}{secrets.token_hex(4)}" if replace else None
         try:
             self._write_all(new, files)
@@ -456,18 +482,31 @@ class ReportFolder:
                     pass  # the next claim puts it back
             raise
         finally:
-            shutil.rmtree(new, ignore_errors=True)  # gone already when the rename worked
+            if staged is None:
+                shutil.rmtree(new, ignore_errors=True)  # gone already when the rename worked
+        for name in drop:
+            shutil.rmtree(self.real / name, ignore_errors=True)
         file_io.fsync_folder(parent)
         return backup
 
-    def _fill(self, files: dict[str, bytes], stale: bool) -> None:
-        """Write the files into a hidden folder inside this one, then rename them into it."""
-        new = Path(tempfile.mkdtemp(dir=self.real, prefix=f"{INNER_PREFIX}new-"))
+    def _fill(self, files: dict[str, bytes], staged: Path | None = None, drop: tuple[str, ...] = ()) -> None:
+        """Write the files into a hidden folder inside this one (or complete ``staged``),
+        then rename them into it; an earlier report's entries the new one lacks go."""
+        new = staged or Path(tempfile.mkdtemp(dir=self.real, prefix=f"{INNER_PREFIX}new-"))
         try:
-            for name in self._write_all(new, files):
+            entries = self._write_all(new, files, drop)
+            for name in (*REPORT_FOLDERS, *REPORT_FILES):  # of another report, or replaced below
+                if name not in entries or name in REPORT_FOLDERS:
+                    target = self.real / name
+                    if os.path.isdir(target) and not os.path.islink(target):
+                        shutil.rmtree(target)
+                    elif name in REPORT_FILES and name not in entries:
+                        target.unlink(missing_ok=True)
+            for name in entries:
                 os.replace(new / name, self.real / name)
-            if stale:  # arrays of an earlier run here would describe another report
-                (self.real / "arrays.npz").unlink(missing_ok=True)
-        finally:
-            shutil.rmtree(new, ignore_errors=True)
+        except BaseException:
+            if staged is None:
+                shutil.rmtree(new, ignore_errors=True)
+            raise
+        shutil.rmtree(new, ignore_errors=True)
         file_io.fsync_folder(self.real)

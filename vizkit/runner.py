@@ -10,8 +10,6 @@ import json
 import os
 import platform
 import sys
-import time
-import traceback
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -20,20 +18,27 @@ from typing import Callable
 import numpy as np
 
 from vizkit import __version__, host, images as image_io, preprocess as preprocessing, render, report_folder
+from vizkit.chunk import Job, explain_chunk, traceback_text
 from vizkit.config import merge
 from vizkit.extension import ReportSection
 from vizkit.labels import LabelsError, read_labels
-from vizkit.metric import Explanation
-from vizkit.progress import Progress, as_progress, counted, step
-from vizkit.report import ArtifactRecord, ImageRecord, MeasurementRecord, MetricRecord, Report, TechniqueRecord
-from vizkit.safe_read import display_path, path_bytes, path_entry, report_path
-from vizkit.technique import Artifact, OptionError, RunContext, suggest
+from vizkit.progress import Progress, as_progress, step
+from vizkit.report import Report
+from vizkit.report_pages import PAGE_SIZE
+from vizkit.report_writer import INTERNAL, ReportWriter, ResumeMismatch
+from vizkit.safe_read import display_path, path_entry
+from vizkit.technique import OptionError, suggest
 from vizkit.tensorflow_setup import start_tensorflow
 
-#: Predictions kept per image in the report.
-TOP_PREDICTIONS = 5
-#: Longest side of images fed to a model with a free input size, unless --size says otherwise.
-FREE_SIZE_MAX_SIDE = 512
+#: Entries of the partial folder that are not the report's: the run's own records.
+DROPPED = (INTERNAL,)
+
+#: Images explained together: what is in memory at once, and what --resume redoes at most.
+CHUNK = 32
+#: Report layouts: ``auto`` is ``single`` up to ``report_pages.PAGE_SIZE`` images, else ``folder``.
+LAYOUTS = ("auto", "single", "folder")
+#: Where chunks are explained (``ray``: ``pip install 'vizkit[ray]'``).
+EXECUTORS = ("in-process", "ray")
 #: Smallest --size (the CLI's bound; the largest is ``images.MAX_SIZE``).
 MIN_SIZE = 8
 
@@ -74,6 +79,19 @@ class RunOptions:
     #: in MB (10**6 bytes; --max-report-mb); None: no limit. A larger report is not
     #: written: UsageError (exit 2) naming its size and the fix, after the work was done.
     max_report_mb: float | None = None
+    #: ``single`` (one self-contained page), ``folder`` (summary + pages + PNG files) or
+    #: ``auto``: single up to 50 images (``report_pages.PAGE_SIZE``), folder past that.
+    layout: str = "auto"
+    #: Images per chunk: decoded, explained, written, then let go (memory stays flat).
+    chunk: int = CHUNK
+    #: Continue the interrupted run in ``outdir`` (same inputs and options), redoing only
+    #: the chunks it had not finished.
+    resume: bool = False
+    #: ``in-process`` or ``ray`` (chunks mapped over a Ray cluster; ``address`` the
+    #: cluster's, None: a local one started for the run, ``workers`` model replicas).
+    executor: str = "in-process"
+    address: str | None = None
+    workers: int | None = None
 
     @property
     def is_reproducible(self) -> bool:
@@ -198,46 +216,6 @@ def plan(options: RunOptions, pm=None) -> Plan:
     return Plan(pm, selected, chosen_metrics, params, preprocess)
 
 
-def top_predictions(scores: np.ndarray, labels: list[str] | None, k: int = TOP_PREDICTIONS) -> list[dict]:
-    order = np.argsort(-scores, kind="stable")[:k]
-    return [
-        {
-            "index": int(i),
-            "label": labels[i] if labels and i < len(labels) else None,
-            "score": round(float(scores[i]), 6),
-        }
-        for i in order
-    ]
-
-
-def add_predictions(graph, images: list, preprocess, labels: list[str] | None) -> None:
-    """Fill in each image's top predictions, when the model is a classifier.
-
-    An image the model cannot take (too small for its layers, say) gets an error
-    instead of stopping the run.
-    """
-    if not graph.is_classifier:
-        return
-    context = RunContext(graph, images, {}, preprocess)
-    for group in context.groups(16):
-        try:
-            scores = graph.class_scores(context.batch_of(group).inputs)
-        except Exception:  # find which image it was: one at a time
-            for image in group:
-                add_predictions_one(graph, image, preprocess, labels)
-            continue
-        for image, row in zip(group, scores):
-            image.predictions = top_predictions(row, labels)
-
-
-def add_predictions_one(graph, image, preprocess, labels) -> None:
-    try:
-        image.predictions = top_predictions(graph.class_scores(preprocess(image.array[None]))[0], labels)
-    except Exception as error:  # TensorFlow raises many kinds for a bad input
-        image.error = f"the model cannot take this image: {type(error).__name__}: {str(error).splitlines()[0]}"
-        print(f"vizkit: {display_path(image.path)}: {image.error}", file=sys.stderr)
-
-
 @report_folder.releasing_claims  # the folder claimed by check_outdir is let go however the run ends
 def run(
     model,
@@ -253,21 +231,24 @@ def run(
     plugin host to use instead of one built from ``options.plugins`` and
     ``options.disabled_plugins`` (give one or the other). ``progress`` is a
     ``progress(message)`` callable or a :class:`vizkit.progress.Progress`, which learns
-    per step (reading the images, each technique, each metric) how much is done.
+    per step how much is done: reading the images, each technique, each metric, for a
+    run of one chunk; the images explained, for a run of several.
 
-    Raises UsageError (nothing written) for bad arguments or a model that cannot load,
-    and ``report_folder.ReportNotWritten`` (an OSError) when the report cannot be written
-    (a full disk): the folder then stays as it was.
-    A failing image or technique is recorded in the report instead (``report.failed``).
+    Images go in chunks of ``options.chunk`` (:mod:`vizkit.chunk`), each written out as
+    it is done (:mod:`vizkit.report_writer`), so memory stays flat; the report returned
+    holds the arrays only in the ``single`` layout. Raises UsageError (nothing written)
+    for bad arguments or a model that cannot load, and ``report_folder.ReportNotWritten``
+    (an OSError) when the report cannot be written (a full disk): the folder then stays
+    as it was. On Ctrl-C the chunks done stay in the folder's partial results, for
+    ``options.resume``. A failing image or technique is recorded in the report instead
+    (``report.failed``).
     """
     options = options or RunOptions()
     tracker = as_progress(progress)
     if pm is not None and (options.plugins or options.disabled_plugins):
         raise UsageError("give plugins either in RunOptions or as a plugin host (pm), not both")
     planned = plan(options, pm)
-    pm, selected, params, preprocess = planned.pm, planned.techniques, planned.params, planned.preprocess
-    if options.max_report_mb is not None and not options.max_report_mb > 0:
-        raise UsageError(f"--max-report-mb {options.max_report_mb}: give a size in MB above 0")
+    _check_run_options(options, outdir, model, pm)
     folder = check_outdir(outdir, options.overwrite)
     try:
         labels = read_labels(options.labels) if options.labels else None
@@ -283,10 +264,109 @@ def run(
             print(f"vizkit: skipped {reason}", file=sys.stderr)
     if skipped:
         print(f"vizkit: skipped {len(skipped)} input(s) that are not images or cannot be read (listed in the report)", file=sys.stderr)
+    layout = options.layout if options.layout != "auto" else ("single" if len(files) <= PAGE_SIZE else "folder")
 
     # The model loads only now, after the arguments were checked.
     reproducible = options.is_reproducible
     created = created_at(reproducible)
+    tracker.message(f"loading model {display_path(str(getattr(model, 'name', model)))}")
+    loaded, graph, job, described = build_job(model, options, planned, labels)
+
+    folder = folder or report_folder.claim_new(lambda: default_outdir(loaded.name, created))
+    writer = ReportWriter(folder.partial(), options.save_arrays, in_memory=layout == "single")
+    numbered = list(zip(image_io.unique_ids(files), files))
+    chunks = [numbered[start:start + options.chunk] for start in range(0, len(numbered), options.chunk)]
+    try:
+        done, discarded = writer.open(fingerprint(loaded, options, planned.params, files), options.resume)
+    except OSError as error:
+        raise _not_written(error, folder) from error
+    except ResumeMismatch as error:
+        raise UsageError(
+            f"--resume: the partial results in {display_path(folder.path)} were made with other "
+            f"{', '.join(error.changed)}: run without --resume to start over"
+        ) from None
+    if discarded:
+        print(f"vizkit: discarded the partial results of an earlier run in {display_path(folder.path)} "
+              "(--resume continues one instead)", file=sys.stderr)
+    if options.resume and done:
+        print(f"vizkit: resuming: {sum(len(chunks[i]) for i in done)} of {len(files)} images were done", file=sys.stderr)
+    pending = [index for index in range(len(chunks)) if index not in done]
+    try:
+        _explain(job, chunks, pending, writer, tracker, options, model)
+        techniques = writer.techniques()
+        if options.save_arrays:
+            writer.assemble_arrays(techniques)
+    except KeyboardInterrupt as interrupt:
+        interrupt.vizkit_partial = (folder.path, sum(len(chunks[i]) for i in writer.chunks), len(files))
+        raise
+    except OSError as error:  # writing the chunks: a full disk, say
+        raise _not_written(error, folder, sum(len(chunks[i]) for i in writer.chunks)) from error
+    report = Report(
+        vizkit_version=__version__,
+        created=created.isoformat(),
+        model=described,
+        images=writer.images(),
+        techniques=techniques,
+        skipped_files=[path_entry(entry.path, entry.reason) for entry in skipped],
+        environment=environment(),
+        plugins=host.describe_plugins(planned.pm),
+        arrays_saved=options.save_arrays,
+        metrics=writer.metrics(),
+        layout=layout,
+        executor=options.executor,
+    )
+    outdir = folder.path
+    tracker.message(f"writing {display_path(outdir)}")
+    max_bytes = None if options.max_report_mb is None else int(options.max_report_mb * render.MB)
+    try:
+        index = _write(report, folder, _apply_report_hooks(planned.pm, report), max_bytes, writer.root)
+    except render.ReportTooLarge as error:
+        folder.release()  # nothing written; a folder this run created goes again
+        raise UsageError(f"{error} (the work done is kept: add --resume to write it without redoing it)") from None
+    except report_folder.ReportNotWritten as error:
+        error.message += f"; the {len(report.images)} images done are kept: rerun with --resume once there is room"
+        raise
+    _, errors = planned.pm.call("report_written", report=report, outdir=outdir, index=index)
+    for error in errors:
+        print(f"vizkit: {error}", file=sys.stderr)
+    report.plugin_errors += errors
+    return report, index
+
+
+def _not_written(error: OSError, folder: report_folder.ReportFolder, done: int = 0) -> report_folder.ReportNotWritten:
+    """ReportNotWritten for a failure to write the run's partial results."""
+    kept = report_folder.classify(folder.real)[0] == "report"
+    failure = report_folder.ReportNotWritten.of(error, folder.path, kept)
+    if done:
+        failure.message += f"; the {done} images done are kept: rerun with --resume once there is room"
+    return failure
+
+
+def _check_run_options(options: RunOptions, outdir: Path | None, model, pm) -> None:
+    """UsageError, before any work, for options that cannot go together."""
+    if options.max_report_mb is not None and not options.max_report_mb > 0:
+        raise UsageError(f"--max-report-mb {options.max_report_mb}: give a size in MB above 0")
+    if options.layout not in LAYOUTS:
+        raise UsageError(f"--layout {options.layout}: one of {', '.join(LAYOUTS)}")
+    if options.chunk < 1:
+        raise UsageError(f"--chunk {options.chunk}: give a number of images of at least 1")
+    if options.resume and outdir is None:
+        raise UsageError("--resume continues the run that was writing a report folder: give that folder with -o")
+    if options.executor not in EXECUTORS:
+        raise UsageError(f"--executor {options.executor}: one of {', '.join(EXECUTORS)}")
+    if options.executor == "ray":
+        from vizkit import executors
+
+        executors.check_ray(options, model, pm)
+    elif options.address or options.workers:
+        raise UsageError("--address and --workers are for --executor ray")
+
+
+def build_job(model, options: RunOptions, planned: Plan, labels: list[str] | None):
+    """Load the model and resolve what every chunk needs: (loaded model, graph explained,
+    :class:`vizkit.chunk.Job`, the report's model section). UsageError if the model or
+    the options do not fit it. A Ray worker calls it too, with the run's arguments."""
+    reproducible = options.is_reproducible
     start_tensorflow()
     from vizkit.graph import ModelGraph
     from vizkit.models import ModelLoadError, load_model
@@ -297,13 +377,13 @@ def run(
 
         tf.config.experimental.enable_op_determinism()
         keras.utils.set_random_seed(0)  # random weights (--weights none, factories) too
-    tracker.message(f"loading model {display_path(str(getattr(model, 'name', model)))}")
     try:
-        loaded = load_model(model, weights=options.weights, size=options.size, loaders=host.model_loaders(pm))
+        loaded = load_model(model, weights=options.weights, size=options.size, loaders=host.model_loaders(planned.pm))
         whole = ModelGraph.of(loaded.model)
         graph = whole.select_output(options.output)  # the output explained; several need options.output
     except (ModelLoadError, ValueError) as error:
         raise UsageError(str(error)) from None
+    preprocess = planned.preprocess
     if preprocess is None:
         preprocess_name, preprocess_reason = loaded.preprocess, loaded.preprocess_reason
         try:
@@ -323,95 +403,110 @@ def run(
             f"{graph.num_classes} classes"
         )
     labels = labels or loaded.labels
-    owners = [r.technique for r in selected] + [r.metric for r in planned.metrics]
-    contexts = {
-        owner.name: RunContext(graph, [], params[owner.name], preprocess, labels, reproducible=reproducible)
-        for owner in owners
-    }
+    size = graph.fixed_size or ((options.size, options.size) if options.size else None)
+    job = Job(graph, planned.techniques, planned.metrics, planned.params, preprocess, labels, reproducible, size, graph.channels)
     try:
-        for owner in owners:  # values this model cannot take: a usage error, before any work
-            owner.check_params(contexts[owner.name])
+        for owner in [r.technique for r in planned.techniques] + [r.metric for r in planned.metrics]:
+            owner.check_params(job.context(owner.name, []))  # values this model cannot take: before any work
     except OptionError as error:
         raise UsageError(str(error)) from None
-
-    size = graph.fixed_size or ((options.size, options.size) if options.size else None)
-    images = _read_images(files, graph.channels, size, tracker)
-    for image in images:
-        if image.error:
-            print(f"vizkit: {display_path(image.path)}: {image.error}", file=sys.stderr)
-    add_predictions(graph, [image for image in images if image.ok], preprocess, labels)
-    good = [image for image in images if image.ok]
-
-    records, explanations = [], []
-    for registered in selected:
-        context = contexts[registered.technique.name]
-        context.images = good
-        record, artifacts = _run_technique(registered, context, tracker)
-        records.append(record)
-        if registered.technique.comparable and artifacts:
-            explanations.append((record, Explanation(registered.technique, record.params, artifacts)))
-    metric_records = []
-    for registered in planned.metrics if explanations else []:
-        context = contexts[registered.metric.name]
-        context.images = good
-        metric_records.append(_run_metric(registered, context, explanations, tracker))
-    report = Report(
-        vizkit_version=__version__,
-        created=created.isoformat(),
-        model={
-            "name": loaded.name,
-            "source": display_path(loaded.source),  # a model file's name can be any bytes
-            "sha256": loaded.sha256,
-            "input_shape": list(graph.input_shape),
-            "output_shape": list(graph.output_shape),
-            "outputs": whole.output_names,
-            "output": graph.output_name,
-            "output_kind": graph.output_kind,
-            "layers": len(graph.layers),
-            "preprocess": preprocess_name,
-            "preprocess_reason": preprocess_reason,
-            "labels": f"{len(labels)} class names" if labels else None,
-        },
-        images=[_image_record(image) for image in images],
-        techniques=records,
-        skipped_files=[path_entry(entry.path, entry.reason) for entry in skipped],
-        environment=environment(),
-        plugins=host.describe_plugins(pm),
-        arrays_saved=options.save_arrays,
-        metrics=metric_records,
-    )
-    folder = folder or report_folder.claim_new(lambda: default_outdir(loaded.name, created))
-    outdir = folder.path
-    tracker.message(f"writing {display_path(outdir)}")
-    max_bytes = None if options.max_report_mb is None else int(options.max_report_mb * render.MB)
-    try:
-        index = _write(report, folder, _apply_report_hooks(pm, report), max_bytes)
-    except render.ReportTooLarge as error:
-        folder.release()  # nothing written; a folder this run created goes again
-        raise UsageError(str(error)) from None
-    _, errors = pm.call("report_written", report=report, outdir=outdir, index=index)
-    for error in errors:
-        print(f"vizkit: {error}", file=sys.stderr)
-    report.plugin_errors += errors
-    return report, index
+    described = {
+        "name": loaded.name,
+        "source": display_path(loaded.source),  # a model file's name can be any bytes
+        "sha256": loaded.sha256,
+        "input_shape": list(graph.input_shape),
+        "output_shape": list(graph.output_shape),
+        "outputs": whole.output_names,
+        "output": graph.output_name,
+        "output_kind": graph.output_kind,
+        "layers": len(graph.layers),
+        "preprocess": preprocess_name,
+        "preprocess_reason": preprocess_reason,
+        "labels": f"{len(labels)} class names" if labels else None,
+    }
+    return loaded, graph, job, described
 
 
-def _write(report: Report, folder: report_folder.ReportFolder, theme: render.Theme, max_bytes: int | None = None) -> Path:
+def fingerprint(loaded, options: RunOptions, params: dict, files: list[Path]) -> dict:
+    """What a resumed run must share with the run it continues (keys name what changed)."""
+    def stat(path: Path) -> list:
+        try:
+            info = path.stat()
+            return [info.st_size, info.st_mtime_ns]
+        except OSError:
+            return []
+
+    return {
+        "vizkit version": __version__,
+        "model": [loaded.name, loaded.sha256, options.weights, options.output, options.size],
+        "inputs": [[os.fsencode(path).decode("utf-8", "backslashreplace"), *stat(path)] for path in files],
+        "techniques and metrics": json.loads(json.dumps(params, sort_keys=True, default=str)),
+        "preprocessing": [options.preprocess, str(options.labels)],
+        "images per chunk": options.chunk,
+        "arrays (--save-arrays)": options.save_arrays,
+        "reproducibility (SOURCE_DATE_EPOCH)": options.is_reproducible,
+    }
+
+
+class _ChunkSteps(Progress):
+    """A chunk's steps as the run's one step of images sees them: their names and
+    messages as its message, failures printed."""
+
+    def __init__(self, run: Progress, index: int, count: int):
+        self.run, self.prefix = run, f"chunk {index + 1}/{count}"
+
+    def start(self, name: str, total: int | None, unit: str = "images") -> None:
+        self.run.message(f"{self.prefix}: {name}")
+
+    def message(self, text: str) -> None:
+        self.run.message(f"{self.prefix}: {text}")
+
+    def error(self, text: str) -> None:
+        self.run.error(text)
+
+
+def _explain(job: Job, chunks: list, pending: list[int], writer: ReportWriter, tracker: Progress,
+             options: RunOptions, model) -> None:
+    """Explain the ``pending`` chunks and hand each result to ``writer`` as it comes.
+    One chunk: its steps are the run's (reading, each technique, each metric); several:
+    one step of images, advanced per chunk."""
+    if len(chunks) == 1 and pending and options.executor == "in-process":
+        writer.add(explain_chunk(job, 0, chunks[0], tracker))
+        return
+    total = sum(len(chunk) for chunk in chunks)
+    with step(tracker, "explaining", total) as explaining:
+        explaining.advance(total - sum(len(chunks[i]) for i in pending))
+        if options.executor == "ray":
+            from vizkit import executors
+
+            results = executors.ray_results(model, options, chunks, pending)
+        else:
+            results = (explain_chunk(job, i, chunks[i], _ChunkSteps(tracker, i, len(chunks))) for i in pending)
+        for result in results:
+            writer.add(result)
+            explaining.advance(len(chunks[result.index]))
+        failed = sum(image.status == "error" for image in writer.images())
+        if failed:
+            explaining.finish("partial", f"{failed} image(s) could not be read or predicted")
+
+
+def _write(report: Report, folder: report_folder.ReportFolder, theme: render.Theme, max_bytes: int | None = None,
+           staged: Path | None = None) -> Path:
     """Render and write the report, whole; the plugins' templates and CSS are dropped if
     they break it. ReportNotWritten (a full disk) and Ctrl-C pass through, the folder as
     it was; an error of vizkit's own carries ``vizkit_outdir``, for the CLI to name.
     """
     try:
         try:
-            return render.write(report, folder, theme, max_bytes)
+            return render.write(report, folder, theme, max_bytes, staged, DROPPED)
         except (KeyboardInterrupt, report_folder.ReportNotWritten, render.ReportTooLarge):
             raise
         except BaseException as error:  # a plugin's template or CSS: write the page without them
             if theme == render.Theme():
                 raise
-            report.plugin_errors.append(f"the report could not be rendered with the plugins' templates: {_traceback(error, 1)}")
+            report.plugin_errors.append(f"the report could not be rendered with the plugins' templates: {traceback_text(error, 1)}")
             print(f"vizkit: {report.plugin_errors[-1]}", file=sys.stderr)
-            return render.write(report, folder, max_bytes=max_bytes)
+            return render.write(report, folder, max_bytes=max_bytes, staged=staged, drop=DROPPED)
     except (report_folder.ReportNotWritten, render.ReportTooLarge):
         raise
     except Exception as error:
@@ -446,168 +541,6 @@ def _apply_report_hooks(pm, report: Report) -> render.Theme:
     for error in report.plugin_errors:
         print(f"vizkit: {error}", file=sys.stderr)
     return render.Theme([text for text in css if isinstance(text, str)], usable_folders)
-
-
-def _traceback(error: BaseException, limit: int = 8) -> str:
-    """The last frames, with file names but not their folders: reports stay comparable."""
-    frames = traceback.extract_tb(error.__traceback__)[-limit:]
-    lines = [f"{Path(f.filename).name}:{f.lineno} in {f.name}: {(f.line or '').strip()}" for f in frames]
-    return "\n".join([*lines, f"{type(error).__name__}: {error}"])
-
-
-def _image_record(image: image_io.LoadedImage) -> ImageRecord:
-    return ImageRecord(
-        id=image.id,
-        path=report_path(image.path),
-        path_bytes=path_bytes(image.path),
-        sha256=image.sha256,
-        status="ok" if image.ok else "error",
-        error=image.error,
-        warnings=image.warnings,
-        predictions=image.predictions,
-        picture=image.display,
-    )
-
-
-def _read_images(files: list[Path], channels: int, size, tracker: Progress) -> list[image_io.LoadedImage]:
-    """Decode each file (``images.load_all``, one file at a time: a progress step)."""
-    images = []
-    with step(tracker, "reading images", len(files)) as reading:
-        for image_id, path in zip(image_io.unique_ids(files), files):
-            tracker.message(display_path(path))
-            images.append(image_io.load(path, image_id, channels, size, FREE_SIZE_MAX_SIDE))
-            reading.advance()
-        failed = sum(not image.ok for image in images)
-        if failed:
-            reading.finish("partial", f"{failed} could not be decoded")
-    return images
-
-
-def _run_technique(registered, context: RunContext, tracker: Progress) -> tuple[TechniqueRecord, list[Artifact]]:
-    """Run one technique, as a progress step (of its images, for a ``run_batch`` one);
-    whatever it raises is recorded, never passed on."""
-    technique = registered.technique
-    record = TechniqueRecord(
-        technique.name, registered.plugin, technique.description, "ok", context.params, comparable=technique.comparable
-    )
-    total = len(context.images) if technique.run_batch is not None else None
-    with step(tracker, technique.name, total) as running:
-        if not context.images:
-            record.status, record.error = "skipped", "no image could be read"
-            running.finish(record.status, record.error)
-            return record, []
-        context.progress = tracker.message
-        started = time.perf_counter()
-        artifacts: list[Artifact] = []
-        try:
-            if technique.run_batch is None:
-                artifacts = technique.checked(technique.run(context))
-            else:
-                if technique.prepare is not None:
-                    technique.prepare(context)
-                artifacts = _run_batches(technique, context, record, tracker)
-        except KeyboardInterrupt:
-            raise
-        except BaseException as error:  # a plugin's failure must not cost the rest of the report
-            record.status = "error"
-            record.error = f"{type(error).__name__}: {error}"
-            record.traceback = _traceback(error)
-            tracker.error(f"technique {technique.name} failed: {record.error}")
-        if record.image_errors and record.status == "ok":
-            record.status = "partial" if artifacts else "error"
-            record.error = record.error or f"{len(record.image_errors)} image(s) failed"
-        running.finish(record.status, record.error)
-    if not context.reproducible:
-        record.duration_s = round(time.perf_counter() - started, 3)
-    record.notes = context.notes
-    record.artifacts = _artifact_records(technique.name, artifacts)
-    return record, artifacts
-
-
-def _run_metric(registered, context: RunContext, explanations: list, tracker: Progress) -> MetricRecord:
-    """Measure each technique's explanations with one metric, as a progress step (of the
-    techniques measured); its failures are recorded (per technique), never passed on."""
-    metric = registered.metric
-    record = MetricRecord(metric.name, registered.plugin, metric.description, context.params, list(metric.columns))
-    started = time.perf_counter()
-    with step(tracker, metric.name, len(explanations), "techniques") as measuring:
-        for measured, explanation in explanations:
-            context.progress = tracker.message  # the built-in metrics name the technique
-            tracker.message(f"{measured.name}: measuring")
-            try:
-                measurements = metric.measure(context, explanation)
-            except KeyboardInterrupt:
-                raise
-            except BaseException as error:  # a metric's failure costs only its own numbers
-                message = f"{type(error).__name__}: {error}"
-                record.errors.append({"technique": measured.name, "error": message, "traceback": _traceback(error)})
-                tracker.error(f"metric {metric.name} failed on {measured.name}: {message}")
-                continue
-            finally:
-                measuring.advance()
-            measured.evidence += [
-                MeasurementRecord(metric.name, m.values, m.image_id, m.caption, list(m.curves), m.picture, m.warning)
-                for m in measurements
-            ]
-        if record.errors:
-            status = "error" if len(record.errors) == len(explanations) else "partial"
-            measuring.finish(status, f"failed on {len(record.errors)} of {counted(len(explanations), 'techniques')}")
-    if not context.reproducible:
-        record.duration_s = round(time.perf_counter() - started, 3)
-    record.notes = context.notes
-    return record
-
-
-def _run_batches(technique, context: RunContext, record: TechniqueRecord, tracker: Progress) -> list[Artifact]:
-    """Each batch through ``run_batch``; a batch that fails is retried image by image, so
-    one bad image costs only its own artifacts (recorded in ``record.image_errors``).
-    ``tracker`` hears of each image done, failed ones included."""
-    artifacts: list[Artifact] = []
-    for group in context.groups(context.params.get("batch") or technique.batch_size):
-        try:
-            artifacts += technique.checked(technique.run_batch(context, context.batch_of(group)))
-            tracker.advance(len(group))
-            continue
-        except KeyboardInterrupt:
-            raise
-        except BaseException as error:
-            if len(group) == 1:
-                _image_failed(technique, record, group[0], error, tracker)
-                tracker.advance(1)
-                continue
-        for image in group:
-            try:
-                artifacts += technique.checked(technique.run_batch(context, context.batch_of([image])))
-            except KeyboardInterrupt:
-                raise
-            except BaseException as error:
-                _image_failed(technique, record, image, error, tracker)
-            tracker.advance(1)
-    return artifacts
-
-
-def _image_failed(technique, record: TechniqueRecord, image, error: Exception, tracker: Progress) -> None:
-    message = f"{type(error).__name__}: {error}"
-    record.image_errors.append({"image_id": image.id, "error": message, "traceback": _traceback(error)})
-    tracker.error(f"technique {technique.name} failed on {display_path(image.path)}: {message}")
-
-
-def _artifact_records(technique: str, artifacts) -> list[ArtifactRecord]:
-    records, keys = [], set()
-    for artifact in artifacts:
-        key = "/".join(part for part in (technique, artifact.image_id, artifact.layer) if part)
-        unique, n = key, 1
-        while unique in keys:
-            n += 1
-            unique = f"{key}#{n}"
-        keys.add(unique)
-        records.append(
-            ArtifactRecord(
-                artifact.title, artifact.picture, artifact.array, artifact.image_id,
-                artifact.layer, artifact.caption, unique,
-            )
-        )
-    return records
 
 
 def environment() -> dict[str, str]:

@@ -70,7 +70,7 @@ def vizkit_context(vizkit_model, vizkit_images):
     from vizkit import ModelGraph, RunContext
     from vizkit import images as image_io
     from vizkit.preprocess import unit
-    from vizkit.runner import add_predictions
+    from vizkit.chunk import add_predictions
 
     graph = ModelGraph.of(vizkit_model)
     files, _ = image_io.collect([vizkit_images])

@@ -1,0 +1,294 @@
+"""Collect a run's chunk results into its report folder as they come, and resume a run.
+
+Each :class:`vizkit.chunk.ChunkResult` is written at once into the run's partial
+folder (``report_folder.ReportFolder.partial``): its pictures as PNG files under
+``pictures/``, its arrays (with ``--save-arrays``) as ``.npy`` files, and its records as
+``.vizkit-run/chunks/NNNNN.json``, written last and atomically, so a chunk counts as done
+only once all of it is on disk. What stays in memory is the records without pixels
+(a :class:`vizkit.pictures.Picture` names each picture's file) and, for a one-page
+report, the arrays and PNG bytes: the page inlines them, the Python API returns them.
+
+``--resume``: ``.vizkit-run/run.json`` holds the run's fingerprint (the model, the
+inputs, the techniques, metrics and options, the chunk size); a run that finds the same
+fingerprint reads the chunks done and explains only the others. A different fingerprint
+is a usage error that says what changed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import zipfile
+from pathlib import Path
+
+import numpy as np
+
+from vizkit import files as file_io
+from vizkit.chunk import ChunkResult
+from vizkit.metric import Column, Curve
+from vizkit.pictures import Picture
+from vizkit.report import ArtifactRecord, ImageRecord, MeasurementRecord, MetricRecord, TechniqueRecord
+
+#: The partial folder's own entries, removed before it is published.
+INTERNAL = ".vizkit-run"
+#: Version of the chunk files' format: a partial folder of another format is not resumed.
+FORMAT = 1
+
+
+class ResumeMismatch(ValueError):
+    """The partial results were made with other inputs or options: ``changed`` names them."""
+
+    def __init__(self, changed: list[str]):
+        self.changed = changed
+        super().__init__(", ".join(changed))
+
+
+class ReportWriter:
+    """Writes chunk results into ``root`` (the partial folder) and keeps their records."""
+
+    def __init__(self, root: Path, save_arrays: bool, in_memory: bool):
+        self.root = Path(root)
+        self.save_arrays = save_arrays
+        self.in_memory = in_memory  # a one-page report's records keep arrays and PNG bytes
+        self.chunks: dict[int, ChunkResult] = {}
+        self.resumed: set[int] = set()
+
+    @property
+    def internal(self) -> Path:
+        return self.root / INTERNAL
+
+    def open(self, fingerprint: dict, resume: bool) -> tuple[set[int], bool]:
+        """Make the partial folder ready; returns (chunks already done, whether an
+        earlier run's partial results were discarded). With ``resume`` the chunks done by
+        an interrupted run with the same fingerprint are read back (ResumeMismatch if it
+        differs); without, an earlier partial folder is discarded."""
+        stored = self.internal / "run.json"
+        discarded = False
+        if os.path.isdir(self.root):
+            if resume and stored.is_file():
+                earlier = json.loads(stored.read_text(encoding="utf-8"))
+                changed = sorted(key for key in {*earlier, *fingerprint} if earlier.get(key) != fingerprint.get(key))
+                if changed:
+                    raise ResumeMismatch(changed)
+                for path in sorted((self.internal / "chunks").glob("[0-9]*.json")):
+                    result = _chunk_from_json(json.loads(path.read_text(encoding="utf-8")))
+                    self.chunks[result.index] = result
+                self.resumed = set(self.chunks)
+                return set(self.chunks), False
+            shutil.rmtree(self.root)
+            discarded = True
+        (self.internal / "chunks").mkdir(parents=True)
+        (self.internal / "arrays").mkdir()
+        with file_io.atomic_path(stored) as path:
+            path.write_bytes(_json_bytes(fingerprint))
+        return set(), discarded
+
+    def add(self, result: ChunkResult) -> None:
+        """Write one chunk's pictures, arrays and records; keep its records (no pixels)."""
+        for picture, owner in _pictures(result):
+            path = self.root / picture.path
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(picture.png)  # not flushed one by one: the chunk file below is
+            if not self.in_memory:
+                owner.picture = picture.written()
+        arrays = {}
+        for technique in result.techniques:
+            for number, artifact in enumerate(technique.artifacts):
+                if self.save_arrays and artifact.array is not None:
+                    name = f"{result.index:05d}-{technique.name}-{number}.npy"
+                    buffer = _npy_bytes(artifact.array)
+                    (self.internal / "arrays" / _safe(name)).write_bytes(buffer)
+                    arrays[artifact.key] = _safe(name)
+                if not self.in_memory:
+                    artifact.array = None
+        data = _chunk_json(result, arrays)
+        with file_io.atomic_path(self.internal / "chunks" / f"{result.index:05d}.json") as path:
+            path.write_bytes(_json_bytes(data))
+        self.chunks[result.index] = result
+
+    # ------------------------------------------------------------------ the whole run
+
+    def ordered(self) -> list[ChunkResult]:
+        return [self.chunks[index] for index in sorted(self.chunks)]
+
+    def images(self) -> list[ImageRecord]:
+        return [image for chunk in self.ordered() for image in chunk.images]
+
+    def techniques(self) -> list[TechniqueRecord]:
+        """Each technique's records of every chunk as one, in the order they ran."""
+        merged: dict[str, TechniqueRecord] = {}
+        parts: dict[str, list[TechniqueRecord]] = {}
+        for chunk in self.ordered():
+            for record in chunk.techniques:
+                parts.setdefault(record.name, []).append(record)
+        for name, records in parts.items():
+            merged[name] = _merge_techniques(records)
+        return list(merged.values())
+
+    def metrics(self) -> list[MetricRecord]:
+        parts: dict[str, list[MetricRecord]] = {}
+        for chunk in self.ordered():
+            for record in chunk.metrics:
+                parts.setdefault(record.name, []).append(record)
+        merged = []
+        for records in parts.values():
+            first = records[0]
+            merged.append(MetricRecord(
+                first.name, first.plugin, first.description, first.params, first.columns,
+                notes=_unique(note for r in records for note in r.notes),
+                errors=[error for r in records for error in r.errors],
+                duration_s=_total(r.duration_s for r in records),
+            ))
+        return merged
+
+    def assemble_arrays(self, techniques: list[TechniqueRecord]) -> None:
+        """``arrays.npz`` from the chunks' ``.npy`` files, in the report's order."""
+        files = {}
+        for index in self.chunks:
+            files.update(_array_files(self.internal / "chunks" / f"{index:05d}.json"))
+        keys = [a.key for t in techniques for a in t.artifacts if a.key in files]
+        _write_npz(self.root / "arrays.npz", [(key, self.internal / "arrays" / files[key]) for key in keys])
+
+def _pictures(result: ChunkResult):
+    """(picture, the record holding it) for every picture of the chunk not yet written."""
+    for image in result.images:
+        if isinstance(image.picture, Picture) and image.picture.png is not None:
+            yield image.picture, image
+    for technique in result.techniques:
+        for record in (*technique.artifacts, *technique.evidence):
+            if isinstance(record.picture, Picture) and record.picture.png is not None:
+                yield record.picture, record
+
+
+def _merge_techniques(records: list[TechniqueRecord]) -> TechniqueRecord:
+    """One technique's chunk records as one: the run's status from theirs."""
+    first = records[0]
+    ran = [r for r in records if r.status != "skipped"] or records
+    merged = TechniqueRecord(
+        first.name, first.plugin, first.description, "ok", first.params, comparable=first.comparable,
+        image_errors=[e for r in records for e in r.image_errors],
+        duration_s=_total(r.duration_s for r in records),
+        notes=_unique(note for r in records for note in r.notes),
+        artifacts=[a for r in records for a in r.artifacts],
+        evidence=[m for r in records for m in r.evidence],
+    )
+    failed = [r for r in ran if r.status in ("error", "partial")]
+    if len(records) == 1 or all(r.status == "skipped" for r in records):
+        merged.status, merged.error, merged.traceback = first.status, first.error, first.traceback
+    elif failed:
+        merged.status = "partial" if merged.artifacts else "error"
+        whole = next((r for r in failed if r.traceback), None)
+        merged.error = whole.error if whole else f"{len(merged.image_errors)} image(s) failed"
+        merged.traceback = whole.traceback if whole else None
+    return merged
+
+
+def _unique(items) -> list:
+    seen: list = []
+    for item in items:
+        if item not in seen:
+            seen.append(item)
+    return seen
+
+
+def _total(values) -> float | None:
+    values = [v for v in values if v is not None]
+    return round(sum(values), 3) if values else None
+
+
+def _safe(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
+
+
+def _npy_bytes(array: np.ndarray) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    np.lib.format.write_array(buffer, np.asarray(array), allow_pickle=False)
+    return buffer.getvalue()
+
+
+def _write_npz(path: Path, entries: list[tuple[str, Path]]) -> None:
+    """``arrays.npz`` from ``.npy`` files, one at a time (memory stays flat); fixed
+    timestamps, so equal arrays give equal bytes."""
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+        for key, source in entries:
+            entry = zipfile.ZipInfo(f"{key}.npy", date_time=(1980, 1, 1, 0, 0, 0))
+            entry.compress_type = zipfile.ZIP_DEFLATED
+            with open(source, "rb") as reader, archive.open(entry, "w", force_zip64=True) as writer:
+                shutil.copyfileobj(reader, writer, 1 << 20)
+
+
+def _json_bytes(data) -> bytes:
+    return (json.dumps(data, ensure_ascii=False, allow_nan=False) + "\n").encode("utf-8")
+
+
+# ---------------------------------------------------------------- chunk files
+
+
+def _picture_json(picture) -> dict | None:
+    return {"path": picture.path, "shape": list(picture.shape)} if isinstance(picture, Picture) else None
+
+
+def _picture(data: dict | None) -> Picture | None:
+    return None if data is None else Picture(data["path"], tuple(data["shape"]))
+
+
+def _chunk_json(result: ChunkResult, arrays: dict[str, str]) -> dict:
+    techniques = []
+    for t in result.techniques:
+        data = t.to_json(arrays_saved=True)
+        data.update(description=t.description)
+        for artifact, record in zip(data["artifacts"], t.artifacts):
+            artifact.update(key=record.key, picture=_picture_json(record.picture), array_file=arrays.get(record.key))
+        for measurement, record in zip(data["evidence"], t.evidence):
+            measurement.update(picture=_picture_json(record.picture))
+        techniques.append(data)
+    metrics = [m.to_json() for m in result.metrics]
+    images = [{**image.to_json(), "picture": _picture_json(image.picture)} for image in result.images]
+    return {"format": FORMAT, "index": result.index, "images": images, "techniques": techniques, "metrics": metrics}
+
+
+def _array_files(path: Path) -> dict[str, str]:
+    data = json.loads(path.read_text(encoding="utf-8"))
+    return {a["key"]: a["array_file"] for t in data["techniques"] for a in t["artifacts"] if a.get("array_file")}
+
+
+def _chunk_from_json(data: dict) -> ChunkResult:
+    if data.get("format") != FORMAT:
+        raise ResumeMismatch(["the format of the partial results (another vizkit version)"])
+    images = [
+        ImageRecord(
+            id=i["id"], path=i["path"], sha256=i["sha256"], status=i["status"], error=i["error"],
+            warnings=i["warnings"], predictions=i["predictions"], picture=_picture(i["picture"]), path_bytes=i["path_bytes"],
+        )
+        for i in data["images"]
+    ]
+    techniques = [
+        TechniqueRecord(
+            t["name"], t["plugin"], t["description"], t["status"], t["params"], error=t["error"], traceback=t["traceback"],
+            image_errors=t["image_errors"], comparable=t["comparable"], duration_s=t["duration_s"], notes=t["notes"],
+            artifacts=[
+                ArtifactRecord(a["title"], _picture(a["picture"]), None, a["image_id"], a["layer"], a["caption"], a["key"],
+                               tuple(a["shape"]), a["dtype"])
+                for a in t["artifacts"]
+            ],
+            evidence=[
+                MeasurementRecord(
+                    m["metric"], m["values"], m["image_id"], m["caption"],
+                    [Curve(c["label"], c["values"], c["color"], c["dashed"]) for c in m["curves"]],
+                    _picture(m["picture"]), m["warning"],
+                )
+                for m in t["evidence"]
+            ],
+        )
+        for t in data["techniques"]
+    ]
+    metrics = [
+        MetricRecord(m["name"], m["plugin"], m["description"], m["params"],
+                     [Column(c["key"], c["label"], c["better"]) for c in m["columns"]],
+                     notes=m["notes"], errors=m["errors"], duration_s=m["duration_s"])
+        for m in data["metrics"]
+    ]
+    return ChunkResult(data["index"], images, techniques, metrics)
