@@ -32,6 +32,9 @@ from vizkit.technique import Artifact, RunContext
 
 #: Predictions kept per image in the report.
 TOP_PREDICTIONS = 5
+#: Images per forward pass of the predictions: a pass's activations (hundreds of MB for
+#: 16 images at 224 px) set the run's peak memory, and more buys little on a CPU.
+PREDICTION_BATCH = 8
 #: Longest side of images fed to a model with a free input size, unless --size says otherwise.
 FREE_SIZE_MAX_SIDE = 512
 
@@ -122,7 +125,7 @@ def add_predictions(graph, images: list, preprocess, labels: list[str] | None) -
     if not graph.is_classifier:
         return
     context = RunContext(graph, images, {}, preprocess)
-    for group in context.groups(16):
+    for group in context.groups(PREDICTION_BATCH):
         try:
             scores = graph.class_scores(context.batch_of(group).inputs)
         except Exception:  # find which image it was: one at a time
