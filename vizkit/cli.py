@@ -179,7 +179,7 @@ def run(model, inputs, techniques, metrics, no_metrics, outdir, preprocess, sett
 
     if metrics and no_metrics:
         raise click.UsageError("-m and --no-metrics contradict each other: give one")
-    pm = _host(plugins, disabled)
+    pm = _host(plugins, disabled)  # plugin errors now, as usage errors
     try:
         configured = load_settings(config)
     except ConfigError as error:
@@ -204,6 +204,9 @@ def run(model, inputs, techniques, metrics, no_metrics, outdir, preprocess, sett
         address=address,
         workers=workers,
     )
+    if executor == "ray" and not (click.get_current_context().obj or {}).get("plugins"):
+        # Ray workers build their own host from the names
+        options.plugins, options.disabled_plugins, pm = list(plugins), list(disabled), None
     try:
         report, index = run_report(model, list(inputs), options, outdir, progress=_progress(quiet), pm=pm)
     except UsageError as error:

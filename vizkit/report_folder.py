@@ -2,8 +2,8 @@
 
 A run **claims** its folder before any work (:func:`claim`, called by
 ``runner.check_outdir``). The folder must be new, empty or a vizkit report (a folder
-holding only ``index.html``, ``report.json`` and ``arrays.npz``, whose ``report.json``
-starts with vizkit's ``vizkit_version`` key); a folder holding anything else is refused
+holding only ``index.html``, ``report.json``, ``arrays.npz`` and the folders
+``pages`` and ``pictures``, whose ``report.json`` starts with vizkit's ``vizkit_version`` key); a folder holding anything else is refused
 (:class:`NotAReportFolder`) unless the caller passes ``overwrite``. The claim takes a
 lock (``flock``) on a hidden file beside the folder, ``.NAME.vizkit-lock``, so a second
 run on the same folder fails at once (:class:`FolderBusy`) instead of racing the first.
@@ -12,9 +12,11 @@ The lock is held until the report is in place, or until the run ends however it 
 holding it loses the lock (the OS drops it), and the file it leaves blocks nothing:
 only the lock counts.
 
-:meth:`ReportFolder.publish` writes every file into a hidden sibling folder,
-``.NAME.vizkit-new-*`` (same parent, so the rename below is atomic), each flushed to the
-disk, so a full disk fails here, before anything a reader sees changed. Then it swaps:
+:meth:`ReportFolder.publish` writes every file into a hidden sibling folder (same
+parent, so the rename below is atomic): the run's :meth:`ReportFolder.partial` folder,
+``.NAME.vizkit-partial``, which already holds what the run wrote as it went (its
+pictures), or a new ``.NAME.vizkit-new-*``; each file flushed to the disk, so a full
+disk fails here, before anything a reader sees changed. Then it swaps:
 
 - no folder yet: one rename, new → NAME;
 - an earlier report, or an empty folder: NAME → ``.NAME.vizkit-old-*`` (the backup),

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -482,9 +483,10 @@ def _explain(job: Job, chunks: list, pending: list[int], writer: ReportWriter, t
             results = executors.ray_results(model, options, chunks, pending)
         else:
             results = (explain_chunk(job, i, chunks[i], _ChunkSteps(tracker, i, len(chunks))) for i in pending)
-        for result in results:
-            writer.add(result)
-            explaining.advance(len(chunks[result.index]))
+        with contextlib.closing(results):  # a Ray instance the run started stops at once, on Ctrl-C too
+            for result in results:
+                writer.add(result)
+                explaining.advance(len(chunks[result.index]))
         failed = sum(image.status == "error" for image in writer.images())
         if failed:
             explaining.finish("partial", f"{failed} image(s) could not be read or predicted")
