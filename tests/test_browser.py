@@ -313,3 +313,139 @@ def test_the_check_rejects_a_broken_page(browser, pages, tmp_path, breakage):
     allowed = (*expected, "console error: Failed to load resource")
     assert [problem for problem in problems if not problem.startswith(allowed)] == []
     assert any(url.endswith("/report/pictures/inside.png") for url in check.requests)
+
+
+# --- The folder layout (issue 11, "a report that scales"): a report made by hand, its
+# records and PNG files (tests/test_report_layout.py), no TensorFlow and no run.
+
+FOLDER_IMAGES = 200
+
+# Lazy pictures (the class pages' thumbnails) load when scrolled to: load them all now.
+LOAD_LAZY = """async () => {
+  for (const img of document.images) img.loading = 'eager';
+  await Promise.all(Array.from(document.images, img => img.decode().catch(() => null)));
+}"""
+
+# Elements reaching past the window's right edge (the page would scroll sideways), but
+# inside a box that scrolls by itself (the summary's wide tables).
+PAST_THE_RIGHT_EDGE = """() => Array.from(document.querySelectorAll('body *'))
+  .filter(el => !el.closest('.scrolls') && el.getBoundingClientRect().right > innerWidth + 0.5)
+  .map(el => el.tagName.toLowerCase() + (el.className ? '.' + el.className : '') + (el.id ? '#' + el.id : ''))"""
+
+
+@pytest.fixture(scope="module")
+def folder_report(browser, tmp_path_factory):
+    """``report/``: a folder report of FOLDER_IMAGES images (4 pages of images, 7 classes),
+    made only once a browser is there to open it; or, with ``VIZKIT_BROWSER_REPORT=DIR``,
+    a real run's folder report to check (benchmarks/README.md: the 2,000-image run)."""
+    from test_report_layout import make_report, write_pages
+
+    if os.environ.get("VIZKIT_BROWSER_REPORT"):
+        return Path(os.environ["VIZKIT_BROWSER_REPORT"])
+
+    root = tmp_path_factory.mktemp("folder-layout") / "report"
+    root.mkdir()
+    started = time.perf_counter()
+    write_pages(make_report(root, FOLDER_IMAGES), root)
+    print(f"{FOLDER_IMAGES} images: pages rendered and written in {time.perf_counter() - started:.2f} s")
+    return root
+
+
+def test_every_page_of_a_folder_report_opens_clean(browser, folder_report, record_property):
+    """The summary and every page: no console error, no request leaving the folder, every
+    picture a file of it that decodes (none inlined), no script; the summary loads fast."""
+    names = sorted(p.relative_to(folder_report).as_posix() for p in folder_report.rglob("*.html"))
+    if not os.environ.get("VIZKIT_BROWSER_REPORT"):
+        assert names[0] == "index.html" and len([n for n in names if "/images-" in n]) == 4 and len(names) == 1 + 4 + 7
+    for name in names:
+        check, page = check_page(browser, folder_report / name, record=record_property)
+        try:
+            check.folder = folder_report.resolve()  # the pages under pages/ link to ../pictures
+            page.evaluate(LOAD_LAZY)
+            check.images = page.evaluate(INSPECT)["images"]
+            assert check.problems() == [], name
+            assert check.scripts == 0, name
+            assert check.images and not [image for image in check.images if image["src"].startswith("data:")], name
+            assert not [url for url in check.requests if url.startswith("data:")], name
+            assert len(check.requests) == 1 + len({image["src"] for image in check.images}), name  # the page, its files
+            if name == "index.html":
+                print(f"summary: load event after {check.load_ms:.0f} ms")
+                assert check.load_ms < 2000
+                assert page.locator("svg.histogram g.bin").count() == 10
+        finally:
+            page.close()
+
+
+@pytest.mark.parametrize("name", ["index.html", "pages/images-0001.html", "pages/class-0003.html"])
+def test_a_folder_report_reads_on_a_phone_without_scrolling_sideways(browser, folder_report, name):
+    page = browser.new_page(viewport={"width": 375, "height": 800})
+    try:
+        page.goto((folder_report / name).resolve().as_uri(), wait_until="load")
+        assert page.evaluate(PAST_THE_RIGHT_EDGE) == []
+        assert page.evaluate("() => document.documentElement.scrollWidth") <= 375
+    finally:
+        page.close()
+
+
+@pytest.mark.parametrize("name", ["index.html", "pages/images-0004.html"])
+def test_the_full_size_views_of_a_folder_report_show_their_pictures(browser, folder_report, name):
+    """As on the one-page report: each picture that opens (not the thumbnails: they are
+    links to the image's card) opens over the page, at least as large as its own pixels."""
+    check, page = check_page(browser, folder_report / name)
+    try:
+        views = page.evaluate(FULL_SIZE_VIEWS)
+        thumbnails = page.locator("a.thumb img").count()
+        assert len(views) == len(check.images) - thumbnails > 0
+        assert [view for view in views
+                if not (view["target"] and view["position"] == "fixed" and view["on_top"]
+                        and view["after"] + 0.5 >= max(view["before"], view["natural"], view["least"]))] == []
+    finally:
+        page.close()
+
+CSP = "default-src 'none'; img-src 'self'; style-src 'unsafe-inline'"
+STRICT_HOST = "http://report.test"
+
+# A page that breaks the policy: what the browser says then shows the policy is in force.
+CSP_CONTROL = ('<!DOCTYPE html><html lang="en"><title>control</title><img alt="inlined" src="data:image/png;base64,'
+               'iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAAAAAA6fptVAAAACklEQVR4nGNgAAAAAgABSK+kcQAAAABJRU5ErkJggg=="></html>')
+
+
+def _strictly_served(browser, folder: Path, url: str) -> tuple[list[str], list[str], list[dict]]:
+    """Load ``url`` of STRICT_HOST, which serves the files of ``folder`` (and /control.html)
+    with the CSP header, as a host that allows nothing else would (Playwright answers the
+    requests: no server, no network). Returns the console's errors and warnings, the URLs
+    requested and the page's images."""
+    import mimetypes
+
+    def serve(route):
+        path = unquote(urlparse(route.request.url).path).lstrip("/")
+        headers = {"Content-Security-Policy": CSP}
+        if path == "control.html":
+            return route.fulfill(body=CSP_CONTROL, content_type="text/html", headers=headers)
+        file = (folder / path).resolve()
+        if not (file.is_relative_to(folder.resolve()) and file.is_file()):
+            return route.fulfill(status=404, body="", headers=headers)
+        route.fulfill(body=file.read_bytes(), content_type=mimetypes.guess_type(file.name)[0], headers=headers)
+
+    page = browser.new_page()
+    console, requests = [], []
+    page.on("console", lambda message: console.append(f"{message.type}: {message.text}") if message.type in ("error", "warning") else None)
+    page.on("pageerror", lambda error: console.append(f"page error: {error}"))
+    page.on("request", lambda request: requests.append(request.url))
+    page.route(f"{STRICT_HOST}/**", serve)
+    try:
+        page.goto(url, wait_until="load")
+        page.evaluate(LOAD_LAZY)
+        return console, requests, page.evaluate(INSPECT)["images"]
+    finally:
+        page.close()
+
+
+@pytest.mark.parametrize("name", ["index.html", "pages/images-0001.html", "pages/class-0003.html"])
+def test_a_folder_report_needs_nothing_a_strict_content_security_policy_refuses(browser, folder_report, name):
+    console, _, _ = _strictly_served(browser, folder_report, f"{STRICT_HOST}/control.html")
+    assert any("Content Security Policy" in line for line in console), console
+    console, requests, images = _strictly_served(browser, folder_report, f"{STRICT_HOST}/{name}")
+    assert console == []
+    assert images and all(image["complete"] and image["natural_width"] > 0 for image in images)
+    assert all(url.startswith(f"{STRICT_HOST}/") for url in requests), requests

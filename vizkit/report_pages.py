@@ -108,6 +108,7 @@ def subset(report: Report, images: list[ImageRecord]) -> Report:
             t,
             artifacts=[a for a in t.artifacts if a.image_id in ids],
             evidence=[m for m in t.evidence if m.image_id in ids],
+            image_errors=[e for e in t.image_errors if e["image_id"] in ids],
         )
         for t in report.techniques
     ]
