@@ -6,6 +6,10 @@ from __future__ import annotations
 import io
 import json
 import re
+import signal
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
@@ -15,6 +19,12 @@ from vizkit import runner
 from vizkit.exitcodes import ExitCode
 from vizkit.pictures import Picture
 from vizkit.runner import RunOptions, UsageError, run
+
+#: `vizkit` in a child process that takes SIGINT as Ctrl-C (a child of pytest may ignore it).
+INTERRUPTIBLE = (
+    "import signal; signal.signal(signal.SIGINT, signal.default_int_handler); "
+    "from vizkit.cli import main; main(prog_name='vizkit')"
+)
 
 TECHNIQUES = ["gradcam", "activations", "saliency"]
 SETTINGS = {"activations": {"max_channels": 2}, "faithfulness": {"steps": 4}}
@@ -181,3 +191,59 @@ def test_a_technique_that_is_not_per_image_runs_once(model_file, images, tmp_pat
     assert filters.status == "ok" and len(filters.artifacts) == len({a.layer for a in filters.artifacts})
     assert all(a.image_id is None for a in filters.artifacts)
     assert np.all([a.array is not None for a in filters.artifacts])
+
+
+SLOW_PLUGIN = '''
+import time
+
+import numpy as np
+
+from vizkit import Artifact, Technique, hookimpl
+
+
+def run_batch(context, batch):
+    time.sleep(0.4)  # time to interrupt the run between two chunks
+    return [Artifact("slow", np.full((4, 4), n, "float32"), np.full((4, 4), n, "uint8"), image_id=image.id)
+            for n, image in enumerate(batch.images)]
+
+
+@hookimpl
+def register_techniques(register):
+    register(Technique("slow", description="Sleeps, then makes a small flat picture.", run_batch=run_batch))
+'''
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="needs SIGINT")
+def test_sigint_stops_a_real_run_and_resume_finishes_it(model_file, images, tmp_path, monkeypatch):
+    """A `vizkit run` process stopped by SIGINT once two chunks are on disk: exit 130,
+    no report, the chunks kept; `--resume` explains only the others, and its report is
+    the one an uninterrupted run writes."""
+    plugin = tmp_path / "slow.py"
+    plugin.write_text(SLOW_PLUGIN)
+    args = ["run", str(model_file), str(images), "-p", str(plugin), "-t", "slow", "-t", "gradcam", "--no-metrics",
+            "--chunk", "1", "-q", "-o"]
+    chunks = tmp_path / ".out.vizkit-partial" / ".vizkit-run" / "chunks"
+    process = subprocess.Popen([sys.executable, "-c", INTERRUPTIBLE, *args, str(tmp_path / "out")],
+                               stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and process.poll() is None and len(list(chunks.glob("[0-9]*.json"))) < 2:
+            time.sleep(0.05)
+        process.send_signal(signal.SIGINT)
+        _, stderr = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == ExitCode.INTERRUPTED, stderr
+    done = len(list(chunks.glob("[0-9]*.json")))
+    assert 2 <= done < 7 and f"the {done} of 7 images done are kept" in stderr
+    assert not (tmp_path / "out").exists()
+
+    resumed = subprocess.run([sys.executable, "-c", INTERRUPTIBLE, *args, str(tmp_path / "out"), "--resume"],
+                             capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resuming: {done} of 7 images were done" in resumed.stderr
+    whole = subprocess.run([sys.executable, "-c", INTERRUPTIBLE, *args, str(tmp_path / "whole")],
+                           capture_output=True, text=True, timeout=300)
+    assert whole.returncode == 0, whole.stderr
+    assert files_of(tmp_path / "out") == files_of(tmp_path / "whole")

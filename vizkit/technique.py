@@ -228,9 +228,10 @@ class Technique:
 
     ``run_batch(context, batch) -> Iterable[Artifact]`` explains one :class:`Batch` of
     images (the host batches them by the technique's ``batch`` option, default 8, and an
-    image that fails costs only that image's artifacts; ``prepare(context)`` runs once
-    before). ``run(context) ->
-    Iterable[Artifact]`` is for results that are not per image (filter patterns).
+    image that fails costs only that image's artifacts; ``prepare(context)`` runs before
+    each chunk of images, ``RunOptions.chunk``, with the chunk's images). ``run(context) ->
+    Iterable[Artifact]`` is for results that are not per image (filter patterns): it runs
+    once, with the first chunk's images.
     """
 
     name: str
@@ -240,8 +241,9 @@ class Technique:
     #: Which layers it can use, given a ``vizkit.graph.LayerInfo`` (shown by ``vizkit layers``).
     accepts: Callable[["LayerInfo"], bool] | None = None
     run_batch: Callable[[RunContext, Batch], Iterable[Artifact]] | None = None
-    #: Called once before the batches of a ``run_batch`` technique: note the choices made
-    #: for the whole run (the layer and why); raising fails the whole technique.
+    #: Called before the batches of a ``run_batch`` technique, once per chunk of images:
+    #: note the choices made for the whole run (the layer and why: a note said again is
+    #: kept once); raising fails the technique on that chunk's images.
     prepare: Callable[[RunContext], None] | None = None
     #: One heatmap per image that explains a class (CAM and attribution methods): the
     #: report shows it beside the other such techniques in its comparison view, and
