@@ -336,12 +336,8 @@ PAST_THE_RIGHT_EDGE = """() => Array.from(document.querySelectorAll('body *'))
 @pytest.fixture(scope="module")
 def folder_report(browser, tmp_path_factory):
     """``report/``: a folder report of FOLDER_IMAGES images (4 pages of images, 7 classes),
-    made only once a browser is there to open it; or, with ``VIZKIT_BROWSER_REPORT=DIR``,
-    a real run's folder report to check (benchmarks/README.md: the 2,000-image run)."""
+    made only once a browser is there to open it."""
     from test_report_layout import make_report, write_pages
-
-    if os.environ.get("VIZKIT_BROWSER_REPORT"):
-        return Path(os.environ["VIZKIT_BROWSER_REPORT"])
 
     root = tmp_path_factory.mktemp("folder-layout") / "report"
     root.mkdir()
@@ -354,13 +350,22 @@ def folder_report(browser, tmp_path_factory):
 def test_every_page_of_a_folder_report_opens_clean(browser, folder_report, record_property):
     """The summary and every page: no console error, no request leaving the folder, every
     picture a file of it that decodes (none inlined), no script; the summary loads fast."""
-    names = sorted(p.relative_to(folder_report).as_posix() for p in folder_report.rglob("*.html"))
-    if not os.environ.get("VIZKIT_BROWSER_REPORT"):
-        assert names[0] == "index.html" and len([n for n in names if "/images-" in n]) == 4 and len(names) == 1 + 4 + 7
+    names = check_every_page(browser, folder_report, record_property)
+    assert names[0] == "index.html" and len([n for n in names if "/images-" in n]) == 4 and len(names) == 1 + 4 + 7
+
+
+@pytest.mark.skipif(not os.environ.get("VIZKIT_BROWSER_REPORT"), reason="set VIZKIT_BROWSER_REPORT=DIR to check a real run's folder report")
+def test_every_page_of_a_given_folder_report_opens_clean(browser, record_property):
+    """The same check on a real run's report (benchmarks/README.md: the 2,000-image run)."""
+    check_every_page(browser, Path(os.environ["VIZKIT_BROWSER_REPORT"]), record_property)
+
+
+def check_every_page(browser, folder: Path, record_property) -> list[str]:
+    names = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*.html"))
     for name in names:
-        check, page = check_page(browser, folder_report / name, record=record_property)
+        check, page = check_page(browser, folder / name, record=record_property)
         try:
-            check.folder = folder_report.resolve()  # the pages under pages/ link to ../pictures
+            check.folder = folder.resolve()  # the pages under pages/ link to ../pictures
             page.evaluate(LOAD_LAZY)
             check.images = page.evaluate(INSPECT)["images"]
             assert check.problems() == [], name
@@ -374,6 +379,7 @@ def test_every_page_of_a_folder_report_opens_clean(browser, folder_report, recor
                 assert page.locator("svg.histogram g.bin").count() == 10
         finally:
             page.close()
+    return names
 
 
 @pytest.mark.parametrize("name", ["index.html", "pages/images-0001.html", "pages/class-0003.html"])
