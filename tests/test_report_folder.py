@@ -320,3 +320,15 @@ def test_default_folders_of_simultaneous_runs_do_not_collide(vizkit_cli, vizkit_
     assert result.exit_code == ExitCode.OK, result.output
     assert result.stdout.strip() == os.path.join("reports", "tiny-20231114-221320-2", "index.html")
     assert sorted(os.listdir(tmp_path / "reports")) == ["tiny-20231114-221320-2"]
+
+
+def test_overwrite_never_replaces_a_pictures_folder_vizkit_did_not_write(vizkit_cli, vizkit_model_file, vizkit_images, tmp_path):
+    """--overwrite keeps the user's files; a folder report's pictures/ would replace theirs: refused before any work."""
+    out = tmp_path / "out"
+    (out / "pictures").mkdir(parents=True)
+    (out / "pictures" / "holiday.jpg").write_bytes(b"mine")
+    (out / "notes.txt").write_text("mine too")
+    result = vizkit_cli("run", vizkit_model_file, vizkit_images, *QUICK, "--overwrite", "-o", out)
+    assert result.exit_code == ExitCode.USAGE_ERROR, result.output
+    assert "holds a folder pictures/ that vizkit did not write" in result.output
+    assert (out / "pictures" / "holiday.jpg").read_bytes() == b"mine"

@@ -222,6 +222,12 @@ def claim(path: Path, overwrite: bool = False) -> ReportFolder:
             raise FolderRefused(folder.path, f"{display_path(folder.path)} cannot be read: {describe_os_error(error)}") from None
         if kind == "foreign" and not overwrite:
             raise NotAReportFolder(folder.path, foreign)
+        mine = [name for name in REPORT_FOLDERS if os.path.lexists(folder.real / name)]
+        if kind == "foreign" and mine:  # --overwrite keeps other files, but these it would replace
+            raise FolderRefused(
+                folder.path, f"{display_path(folder.path)} holds a folder {mine[0]}/ that vizkit did not write, and a "
+                f"report in the folder layout replaces it: move it, or pick another folder",
+            )
     except BaseException:
         folder.release()
         raise
