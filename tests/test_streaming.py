@@ -13,6 +13,7 @@ import time
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from conftest import write_image
 from vizkit import runner
@@ -247,3 +248,36 @@ def test_sigint_stops_a_real_run_and_resume_finishes_it(model_file, images, tmp_
                            capture_output=True, text=True, timeout=300)
     assert whole.returncode == 0, whole.stderr
     assert files_of(tmp_path / "out") == files_of(tmp_path / "whole")
+
+
+BATCH_SUMMARY_PLUGIN = '''
+import numpy as np
+
+from vizkit import Artifact, Technique, hookimpl
+
+
+def run_batch(context, batch):
+    mean = batch.pixels.mean(axis=0)
+    return [Artifact("batch mean", mean, mean.astype("uint8"))]  # of no image: one per batch
+
+
+@hookimpl
+def register_techniques(register):
+    register(Technique("batchmean", description="The mean picture of each batch.", run_batch=run_batch))
+'''
+
+
+def test_pictures_of_no_image_made_in_several_chunks_keep_apart(model_file, images, tmp_path):
+    plugin = tmp_path / "batchmean.py"
+    plugin.write_text(BATCH_SUMMARY_PLUGIN)
+    report, _ = run(model_file, [images], RunOptions(techniques=["batchmean"], plugins=[str(plugin)], chunk=3,
+                                                     layout="folder", save_arrays=True), tmp_path / "out")
+    (technique,) = report.techniques
+    keys = [a.key for a in technique.artifacts]
+    paths = [a.picture.path for a in technique.artifacts]
+    assert len(keys) == len(set(keys)) == len(set(paths)) >= 3  # a batch per chunk at least, none overwritten
+    arrays = np.load(tmp_path / "out" / "arrays.npz")
+    assert sorted(arrays.files) == sorted(keys)
+    for artifact in technique.artifacts:  # each file holds its own batch's mean
+        picture = np.asarray(Image.open(tmp_path / "out" / artifact.picture.path))
+        np.testing.assert_array_equal(picture, arrays[artifact.key].astype("uint8"))

@@ -97,10 +97,17 @@ def explain_chunk(job: Job, index: int, files: list[tuple[str, Path]], tracker: 
             continue
         metric_records.append(_run_metric(registered, job.context(registered.metric.name, good), explanations, tracker))
     for record in records:
-        record.artifacts = _artifact_records(record.name, record.artifacts)
+        record.artifacts = _artifact_records(record.name, record.artifacts, index)
+        named: set[str] = set()
         for measurement in record.evidence:
             if measurement.picture is not None:
-                measurement.picture = Picture.of(measurement.picture, measurement.metric, record.name, measurement.image_id or "all")
+                name = measurement.image_id or ("all" if index == 0 else f"all-chunk{index + 1}")
+                unique, n = name, 1
+                while unique in named:
+                    n += 1
+                    unique = f"{name}-{n}"
+                named.add(unique)
+                measurement.picture = Picture.of(measurement.picture, measurement.metric, record.name, unique)
     return ChunkResult(index, [_image_record(image) for image in images], records, metric_records)
 
 
@@ -289,12 +296,14 @@ def _image_failed(technique, record: TechniqueRecord, image, error: Exception, t
     tracker.error(f"technique {technique.name} failed on {display_path(image.path)}: {message}")
 
 
-def _artifact_records(technique: str, artifacts: list[Artifact]) -> list[ArtifactRecord]:
+def _artifact_records(technique: str, artifacts: list[Artifact], index: int = 0) -> list[ArtifactRecord]:
     """Records with pictures encoded; keys ``technique/image/layer`` (``#2`` … where one
-    repeats), unique in the run because image ids are."""
+    repeats), unique in the run because image ids are (an artifact of no image made in
+    chunk ``index`` > 0 gets ``@chunkN`` after its technique)."""
     records, keys = [], set()
     for artifact in artifacts:
-        key = "/".join(part for part in (technique, artifact.image_id, artifact.layer) if part)
+        owner = technique if artifact.image_id is not None or index == 0 else f"{technique}@chunk{index + 1}"
+        key = "/".join(part for part in (owner, artifact.image_id, artifact.layer) if part)
         unique, n = key, 1
         while unique in keys:
             n += 1
@@ -302,7 +311,7 @@ def _artifact_records(technique: str, artifacts: list[Artifact]) -> list[Artifac
         keys.add(unique)
         records.append(
             ArtifactRecord(
-                artifact.title, Picture.of(artifact.picture, technique, *unique.split("/")[1:] or ["all"]),
+                artifact.title, Picture.of(artifact.picture, *unique.split("/") if "/" in unique else (technique, unique)),
                 artifact.array, artifact.image_id, artifact.layer, artifact.caption, unique,
             )
         )
