@@ -281,3 +281,15 @@ def test_pictures_of_no_image_made_in_several_chunks_keep_apart(model_file, imag
     for artifact in technique.artifacts:  # each file holds its own batch's mean
         picture = np.asarray(Image.open(tmp_path / "out" / artifact.picture.path))
         np.testing.assert_array_equal(picture, arrays[artifact.key].astype("uint8"))
+
+
+def test_compare_reads_a_folder_report_as_a_one_page_one(vizkit_cli, model_file, images, tmp_path, whole, workdir):
+    """report.json and arrays.npz have one schema in both layouts: `vizkit compare` of the
+    one-page report against the same run as a folder finds nothing moved."""
+    run(model_file, [images], options(chunk=3, layout="folder"), tmp_path / "folder")
+    result = vizkit_cli("compare", workdir / "whole", tmp_path / "folder", "-o", tmp_path / "compared",
+                        "--fail-on", "flips>0", "--fail-on", "similarity<0.999")
+    assert result.exit_code == ExitCode.OK, result.output
+    compared = json.loads((tmp_path / "compared" / "compare.json").read_text())
+    assert compared["predictions"]["compared"] == 7 and compared["predictions"]["flips"] == 0
+    assert compared["failures"]["new"] == [] and compared["errors"] == []
