@@ -293,3 +293,11 @@ def test_compare_reads_a_folder_report_as_a_one_page_one(vizkit_cli, model_file,
     compared = json.loads((tmp_path / "compared" / "compare.json").read_text())
     assert compared["predictions"]["compared"] == 7 and compared["predictions"]["flips"] == 0
     assert compared["failures"]["new"] == [] and compared["errors"] == []
+
+
+def test_a_folder_report_is_byte_identical_on_a_rerun(model_file, images, tmp_path):
+    """SOURCE_DATE_EPOCH (set for every test here): every page, picture and report.json again."""
+    for name in ("first", "second"):
+        run(model_file, [images], options(chunk=3, layout="folder"), tmp_path / name)
+    first, second = files_of(tmp_path / "first"), files_of(tmp_path / "second")
+    assert first == second and sum(name.startswith("pictures/") for name in first) == 7 + 7 * 5
