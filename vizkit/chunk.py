@@ -77,8 +77,8 @@ def explain_chunk(job: Job, index: int, files: list[tuple[str, Path]], tracker: 
     for image in images:
         if image.error:
             print(f"vizkit: {display_path(image.path)}: {image.error}", file=sys.stderr)
-    good = [image for image in images if image.ok]
-    add_predictions(job.graph, good, job.preprocess, job.labels)
+    add_predictions(job.graph, [image for image in images if image.ok], job.preprocess, job.labels)
+    good = [image for image in images if image.ok]  # an image the model cannot take failed there
     records, explanations = [], []
     for registered in job.techniques:
         technique = registered.technique
