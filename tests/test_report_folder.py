@@ -112,10 +112,11 @@ def test_a_full_disk_leaves_the_old_report_as_it_was(vizkit_cli, vizkit_model_fi
     assert sorted(os.listdir(reports)) == [".out.vizkit-partial", "out"]  # the work done, for --resume
 
 
+@pytest.mark.parametrize("nth", [1, 2])  # 2: report.json was written into the partial folder
 def test_resume_after_a_full_disk_writes_the_report_without_redoing_the_work(
-        vizkit_cli, vizkit_model_file, vizkit_images, old_report, reports, monkeypatch):
+        vizkit_cli, vizkit_model_file, vizkit_images, old_report, reports, monkeypatch, nth):
     with pytest.MonkeyPatch.context() as full:
-        fail_nth_write(full, 1, OSError(errno.ENOSPC, "No space left on device"))
+        fail_nth_write(full, nth, OSError(errno.ENOSPC, "No space left on device"))
         assert vizkit_cli("run", vizkit_model_file, vizkit_images, *QUICK, "-o", old_report).exit_code == ExitCode.WRITE_ERROR
     explained = []
     real = runner.explain_chunk
@@ -332,3 +333,15 @@ def test_overwrite_never_replaces_a_pictures_folder_vizkit_did_not_write(vizkit_
     assert result.exit_code == ExitCode.USAGE_ERROR, result.output
     assert "holds a folder pictures/ that vizkit did not write" in result.output
     assert (out / "pictures" / "holiday.jpg").read_bytes() == b"mine"
+
+
+def test_a_report_folder_holding_someone_elses_pictures_folder_is_not_a_report(vizkit_cli, vizkit_model_file, vizkit_images,
+                                                                               old_report):
+    """pictures/ and pages/ are vizkit's only in a report of the folder layout: in a
+    one-page report's folder they are the user's, and the folder is refused as foreign."""
+    (old_report / "pictures").mkdir()
+    (old_report / "pictures" / "holiday.jpg").write_bytes(b"mine")
+    assert report_folder.classify(old_report) == ("foreign", ["arrays.npz", "index.html", "pictures", "report.json"])
+    result = vizkit_cli("run", vizkit_model_file, vizkit_images, *QUICK, "-o", old_report)
+    assert result.exit_code == ExitCode.USAGE_ERROR and "holds files vizkit did not write" in result.output
+    assert (old_report / "pictures" / "holiday.jpg").read_bytes() == b"mine"

@@ -73,6 +73,7 @@ PARTIAL = "partial"
 INNER_PREFIX = ".vizkit-"
 #: ``report.json`` as vizkit writes it: a JSON object whose first key is vizkit_version.
 _MARKER = re.compile(rb'\A\s*\{\s*"vizkit_version"\s*:')
+_FOLDER_LAYOUT = re.compile(rb'\n  "layout": "folder",\n')
 #: Longest folder name (in bytes) used as it is in its siblings' names; longer ones are hashed.
 _NAME_IN_SIBLINGS = 160
 _OPEN_FLAGS = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOFOLLOW", 0)
@@ -127,6 +128,17 @@ class ReportNotWritten(OSError):
         return cls(error.errno, text + ("; the report already there is unchanged" if kept else ""), folder)
 
 
+def _remove(path: Path) -> None:
+    """Delete a file or a folder, if there."""
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+
+
 def _inner_temporary(name: str) -> bool:
     """One of the names vizkit itself makes inside a folder (its lock, a ``new-*`` folder
     of files being written): a user's own ``.vizkit-notes`` is not one."""
@@ -150,7 +162,8 @@ def classify(folder: Path) -> tuple[str, list[str]]:
     ]
     if foreign:
         return "foreign", foreign
-    if "report.json" in names and _is_vizkit_json(folder / "report.json"):
+    folders = [name for name in names if name in REPORT_FOLDERS]
+    if "report.json" in names and _is_vizkit_json(folder / "report.json", folder_layout=bool(folders)):
         return "report", []
     return "foreign", names  # an index.html or report.json of someone else's
 
@@ -162,13 +175,16 @@ def _is_regular(path: Path) -> bool:
         return False
 
 
-def _is_vizkit_json(path: Path) -> bool:
+def _is_vizkit_json(path: Path, folder_layout: bool = False) -> bool:
+    """``report.json`` as vizkit writes it (with ``folder_layout``: of a report in the
+    folder layout, whose pictures/ and pages/ vizkit wrote)."""
     try:
         descriptor = os.open(path, _OPEN_FLAGS | getattr(os, "O_NONBLOCK", 0))
     except OSError:
         return False
     try:
-        return bool(_MARKER.match(os.read(descriptor, 4096)))
+        start = os.read(descriptor, 4096)
+        return bool(_MARKER.match(start)) and (not folder_layout or _FOLDER_LAYOUT.search(start) is not None)
     except OSError:
         return False
     finally:
@@ -414,16 +430,18 @@ class ReportFolder:
         """The hidden folder where this run writes as it goes (pictures, and what
         ``--resume`` reads): beside the folder, or inside it where the folder cannot be
         renamed. Published by :meth:`publish` (``staged``); kept when the run stops short."""
-        if self._renamable():
-            return self.real.parent / self._sibling(PARTIAL)
-        return self.real / f"{INNER_PREFIX}{PARTIAL}"
+        beside, inside = self.real.parent / self._sibling(PARTIAL), self.real / f"{INNER_PREFIX}{PARTIAL}"
+        for found in (beside, inside):  # where an earlier run wrote, from another working folder say
+            if os.path.isdir(found):
+                return found
+        return beside if self._renamable() else inside
 
     def publish(self, files: dict[str, bytes], staged: Path | None = None, drop: tuple[str, ...] = ()) -> Path:
         """Put ``files`` (name → bytes) in the folder as a whole, replacing what vizkit
         wrote there before (a stale ``arrays.npz`` included); returns the page's path.
         ``staged``: the :meth:`partial` folder, holding what the run already wrote (its
-        pictures), published with the files but for its entries named in ``drop``
-        (deleted once the report is in place); it stays as it was if publishing fails.
+        pictures), published with the files but for its entries named in ``drop`` (the
+        run's own records; deleted); it stays as it was if publishing fails.
 
         ReportNotWritten for any OSError on the way: the folder is then as it was. The
         claim is released once the report is in place.
@@ -432,6 +450,9 @@ class ReportFolder:
             raise RuntimeError(f"{self!r}: publish() needs a claimed folder (vizkit.report_folder.claim)")
         kind, backup = "missing", None
         try:
+            if staged is not None:  # what a publish that failed left there: rendered again now
+                for name in ("index.html", "report.json", "pages"):
+                    _remove(staged / name)
             kind, foreign = classify(self.real) if os.path.isdir(self.real) else ("missing", [])
             if kind == "foreign" and not self.overwrite:  # files were added during the run
                 raise ReportNotWritten(
@@ -469,14 +490,19 @@ class ReportFolder:
         return first + [name for name in REPORT_FILES if name in entries]
 
     def _swap(self, files: dict[str, bytes], replace: bool, staged: Path | None = None, drop: tuple[str, ...] = ()) -> Path | None:
-        """Write a new folder beside this one (or complete ``staged``) and rename it over
-        this one; returns the backup of the earlier folder (to delete), if there was one."""
+        """Write a new folder beside this one (or complete ``staged``, its ``drop``
+        entries moved aside first, and back if this fails) and rename it over this one;
+        returns the backup of the earlier folder (to delete), if there was one."""
         parent = self.real.parent
         mode = stat.S_IMODE(os.stat(self.real).st_mode) if replace else file_io.default_mode(folder=True)
         new = staged or Path(tempfile.mkdtemp(dir=parent, prefix=self._sibling("new-")))
         backup = parent / f"{self._sibling('old-')}{secrets.token_hex(4)}" if replace else None
+        aside = Path(tempfile.mkdtemp(dir=parent, prefix=self._sibling("new-drop-"))) if staged and drop else None
         try:
             self._write_all(new, files)
+            for name in drop if aside else ():
+                if os.path.lexists(new / name):
+                    os.rename(new / name, aside / name)
             os.chmod(new, mode)  # mkdtemp makes it private
             file_io.fsync_folder(new)
             if backup is not None:
@@ -488,12 +514,14 @@ class ReportFolder:
                     os.rename(backup, self.real)  # undo: the earlier report is back
                 except OSError:
                     pass  # the next claim puts it back
+            for name in os.listdir(aside) if aside and os.path.isdir(new) else ():
+                os.rename(aside / name, new / name)  # the partial folder as it was, for --resume
             raise
         finally:
             if staged is None:
                 shutil.rmtree(new, ignore_errors=True)  # gone already when the rename worked
-        for name in drop:
-            shutil.rmtree(self.real / name, ignore_errors=True)
+            if aside is not None:
+                shutil.rmtree(aside, ignore_errors=True)
         file_io.fsync_folder(parent)
         return backup
 
@@ -501,20 +529,21 @@ class ReportFolder:
         """Write the files into a hidden folder inside this one (or complete ``staged``),
         then rename them into it; an earlier report's entries the new one lacks go."""
         new = staged or Path(tempfile.mkdtemp(dir=self.real, prefix=f"{INNER_PREFIX}new-"))
+        trash = Path(tempfile.mkdtemp(dir=self.real, prefix=f"{INNER_PREFIX}new-old-"))
         try:
             entries = self._write_all(new, files, drop)
-            for name in (*REPORT_FOLDERS, *REPORT_FILES):  # of another report, or replaced below
-                if name not in entries or name in REPORT_FOLDERS:
-                    target = self.real / name
-                    if os.path.isdir(target) and not os.path.islink(target):
-                        shutil.rmtree(target)
-                    elif name in REPORT_FILES and name not in entries:
-                        target.unlink(missing_ok=True)
+            # the earlier report's folders, and its files the new one lacks, go aside by
+            # a rename each (a folder cannot be replaced by one), then the new entries in
+            for name in (*REPORT_FOLDERS, *REPORT_FILES):
+                if os.path.lexists(self.real / name) and (name in REPORT_FOLDERS or name not in entries):
+                    os.rename(self.real / name, trash / name)
             for name in entries:
                 os.replace(new / name, self.real / name)
         except BaseException:
             if staged is None:
                 shutil.rmtree(new, ignore_errors=True)
             raise
-        shutil.rmtree(new, ignore_errors=True)
+        finally:
+            shutil.rmtree(trash, ignore_errors=True)
+        shutil.rmtree(new, ignore_errors=True)  # what is left: the dropped entries
         file_io.fsync_folder(self.real)
