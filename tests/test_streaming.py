@@ -21,6 +21,7 @@ from vizkit.exitcodes import ExitCode
 from vizkit.pictures import Picture
 from vizkit.runner import RunOptions, UsageError, run
 
+REAL_EXPLAIN = runner.explain_chunk
 #: `vizkit` in a child process that takes SIGINT as Ctrl-C (a child of pytest may ignore it).
 INTERRUPTIBLE = (
     "import signal; signal.signal(signal.SIGINT, signal.default_int_handler); "
@@ -149,7 +150,7 @@ def test_resume_refuses_partial_results_of_other_options(model_file, images, tmp
     monkeypatch.setattr(runner, "explain_chunk", real)
     changed = options(chunk=3, resume=True)
     changed.settings = {**SETTINGS, "activations": {"max_channels": 3}}
-    with pytest.raises(UsageError, match=r"other techniques and metrics: run without --resume to start over"):
+    with pytest.raises(UsageError, match=r"other inputs or options; changed since: techniques and metrics: run without"):
         run(model_file, [images], changed, tmp_path / "out")
     assert (tmp_path / ".out.vizkit-partial").is_dir()  # still there to resume with the right options
     with pytest.raises(UsageError, match="give that folder with -o"):
@@ -164,7 +165,7 @@ def test_without_resume_a_new_run_starts_over(model_file, images, tmp_path, whol
         run(model_file, [images], options(chunk=3), tmp_path / "out")
     monkeypatch.setattr(runner, "explain_chunk", real)
     run(model_file, [images], options(chunk=3), tmp_path / "out")
-    assert "discarded the partial results of an earlier run" in capsys.readouterr().err
+    assert "discarded the partial results of an interrupted run" in capsys.readouterr().err
     assert_same_report(tmp_path / "out", whole[1])
 
 
@@ -301,3 +302,44 @@ def test_a_folder_report_is_byte_identical_on_a_rerun(model_file, images, tmp_pa
         run(model_file, [images], options(chunk=3, layout="folder"), tmp_path / name)
     first, second = files_of(tmp_path / "first"), files_of(tmp_path / "second")
     assert first == second and sum(name.startswith("pictures/") for name in first) == 7 + 7 * 5
+
+
+def interrupt_at(monkeypatch, stop: int) -> list[int]:
+    """explain_chunk raises Ctrl-C at chunk ``stop``; returns the chunks it explains."""
+    real, explained = REAL_EXPLAIN, []
+
+    def explain(job, index, *args, **kwargs):
+        if index == stop:
+            raise KeyboardInterrupt
+        explained.append(index)
+        return real(job, index, *args, **kwargs)
+
+    monkeypatch.setattr(runner, "explain_chunk", explain)
+    return explained
+
+
+def test_resume_redoes_a_chunk_whose_files_went_missing(model_file, images, tmp_path, whole, monkeypatch, capsys):
+    interrupt_at(monkeypatch, 2)
+    with pytest.raises(KeyboardInterrupt):
+        run(model_file, [images], options(chunk=3), tmp_path / "out")
+    partial = tmp_path / ".out.vizkit-partial"
+    (partial / "pictures" / "inputs" / "img4.png").unlink()  # chunk 1's: as if lost in a crash
+    explained = interrupt_at(monkeypatch, None)
+    run(model_file, [images], options(chunk=3, resume=True), tmp_path / "out")
+    assert explained == [1, 2] and "resuming: 3 of 7 images were done" in capsys.readouterr().err
+    assert_same_report(tmp_path / "out", whole[1])
+
+
+def test_resume_refuses_a_model_whose_weights_changed(images, tmp_path, monkeypatch, capsys):
+    from conftest import build_tiny
+
+    model = build_tiny()
+    model.save(tmp_path / "model.keras")
+    interrupt_at(monkeypatch, 1)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "model.keras", [images], options(chunk=3), tmp_path / "out")
+    model.layers[-1].bias.assign(model.layers[-1].bias + 1.0)  # trained a little more, same file name
+    model.save(tmp_path / "model.keras")
+    with pytest.raises(UsageError, match="changed since: model, model weights"):
+        run(tmp_path / "model.keras", [images], options(chunk=3, resume=True), tmp_path / "out")
+

@@ -58,13 +58,14 @@ class ReportWriter:
     def internal(self) -> Path:
         return self.root / INTERNAL
 
-    def open(self, fingerprint: dict, resume: bool) -> tuple[set[int], bool]:
-        """Make the partial folder ready; returns (chunks already done, whether an
-        earlier run's partial results were discarded). With ``resume`` the chunks done by
-        an interrupted run with the same fingerprint are read back (ResumeMismatch if it
-        differs); without, an earlier partial folder is discarded."""
+    def open(self, fingerprint: dict, resume: bool) -> tuple[set[int], str]:
+        """Make the partial folder ready; returns (chunks already done, what happened:
+        ``new``, ``resumed``, ``nothing to resume`` or ``discarded``: an earlier run's
+        chunks deleted, since ``resume`` was not asked). With ``resume`` the chunks an
+        interrupted run with the same fingerprint finished are read back (ResumeMismatch
+        if it differs); a chunk whose files are not all there, as written, is redone."""
         stored = self.internal / "run.json"
-        discarded = False
+        state = "nothing to resume" if resume else "new"
         if os.path.isdir(self.root):
             if resume and stored.is_file():
                 earlier = json.loads(stored.read_text(encoding="utf-8"))
@@ -72,37 +73,54 @@ class ReportWriter:
                 if changed:
                     raise ResumeMismatch(changed)
                 for path in sorted((self.internal / "chunks").glob("[0-9]*.json")):
-                    result = _chunk_from_json(json.loads(path.read_text(encoding="utf-8")))
-                    self.chunks[result.index] = result
+                    data = json.loads(path.read_text(encoding="utf-8"))
+                    if self._complete(data):
+                        result = _chunk_from_json(data)
+                        self.chunks[result.index] = result
                 self.resumed = set(self.chunks)
-                return set(self.chunks), False
+                return set(self.chunks), "resumed"
+            if not resume and any((self.internal / "chunks").glob("[0-9]*.json")):
+                state = "discarded"
             shutil.rmtree(self.root)
-            discarded = True
         (self.internal / "chunks").mkdir(parents=True)
         (self.internal / "arrays").mkdir()
         with file_io.atomic_path(stored) as path:
             path.write_bytes(_json_bytes(fingerprint))
-        return set(), discarded
+        return set(), state
+
+    def _complete(self, data: dict) -> bool:
+        """Every file of a chunk is there with the size it was written with (a crash of
+        the machine can lose files written just before the chunk's record)."""
+        for name, size in data.get("files", {}).items():
+            try:
+                if (self.root / name).stat().st_size != size:
+                    return False
+            except OSError:
+                return False
+        return data.get("format") == FORMAT
 
     def add(self, result: ChunkResult) -> None:
         """Write one chunk's pictures, arrays and records; keep its records (no pixels)."""
+        files = {}
         for picture, owner in _pictures(result):
             path = self.root / picture.path
             path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_bytes(picture.png)  # not flushed one by one: the chunk file below is
+            path.write_bytes(picture.png)  # not flushed one by one: the record below names their sizes
+            files[picture.path] = len(picture.png)
             if not self.in_memory:
                 owner.picture = picture.written()
         arrays = {}
-        for technique in result.techniques:
+        for position, technique in enumerate(result.techniques):
             for number, artifact in enumerate(technique.artifacts):
                 if self.save_arrays and artifact.array is not None:
-                    name = f"{result.index:05d}-{technique.name}-{number}.npy"
+                    name = f"{result.index:05d}-{position}-{number}.npy"
                     buffer = _npy_bytes(artifact.array)
-                    (self.internal / "arrays" / _safe(name)).write_bytes(buffer)
-                    arrays[artifact.key] = _safe(name)
+                    (self.internal / "arrays" / name).write_bytes(buffer)
+                    arrays[artifact.key] = name
+                    files[f"{INTERNAL}/arrays/{name}"] = len(buffer)
                 if not self.in_memory:
                     artifact.array = None
-        data = _chunk_json(result, arrays)
+        data = {**_chunk_json(result, arrays), "files": files}
         with file_io.atomic_path(self.internal / "chunks" / f"{result.index:05d}.json") as path:
             path.write_bytes(_json_bytes(data))
         self.chunks[result.index] = result
@@ -137,7 +155,7 @@ class ReportWriter:
             merged.append(MetricRecord(
                 first.name, first.plugin, first.description, first.params, first.columns,
                 notes=_unique(note for r in records for note in r.notes),
-                errors=[error for r in records for error in r.errors],
+                errors=_unique(error for r in records for error in r.errors),  # failing on every chunk: once
                 duration_s=_total(r.duration_s for r in records),
             ))
         return merged
@@ -197,10 +215,6 @@ def _total(values) -> float | None:
     return round(sum(values), 3) if values else None
 
 
-def _safe(name: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
-
-
 def _npy_bytes(array: np.ndarray) -> bytes:
     import io
 
@@ -256,8 +270,6 @@ def _array_files(path: Path) -> dict[str, str]:
 
 
 def _chunk_from_json(data: dict) -> ChunkResult:
-    if data.get("format") != FORMAT:
-        raise ResumeMismatch(["the format of the partial results (another vizkit version)"])
     images = [
         ImageRecord(
             id=i["id"], path=i["path"], sha256=i["sha256"], status=i["status"], error=i["error"],

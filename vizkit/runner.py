@@ -7,6 +7,8 @@
 from __future__ import annotations
 
 import contextlib
+import errno
+import hashlib
 import json
 import os
 import platform
@@ -278,30 +280,40 @@ def run(
     numbered = list(zip(image_io.unique_ids(files), files))
     chunks = [numbered[start:start + options.chunk] for start in range(0, len(numbered), options.chunk)]
     try:
-        done, discarded = writer.open(fingerprint(loaded, options, planned.params, files), options.resume)
+        done, state = writer.open(fingerprint(loaded, graph, labels, options, planned, files), options.resume)
     except OSError as error:
         raise _not_written(error, folder) from error
     except ResumeMismatch as error:
         raise UsageError(
-            f"--resume: the partial results in {display_path(folder.path)} were made with other "
-            f"{', '.join(error.changed)}: run without --resume to start over"
+            f"--resume: the partial results in {display_path(folder.path)} were made with other inputs or "
+            f"options; changed since: {', '.join(error.changed)}: run without --resume to start over"
         ) from None
-    if discarded:
-        print(f"vizkit: discarded the partial results of an earlier run in {display_path(folder.path)} "
+    if state == "discarded":
+        print(f"vizkit: discarded the partial results of an interrupted run in {display_path(folder.path)} "
               "(--resume continues one instead)", file=sys.stderr)
-    if options.resume and done:
+    elif state == "nothing to resume":
+        print(f"vizkit: --resume: no partial results in {display_path(folder.path)}: starting from the first image",
+              file=sys.stderr)
+    elif state == "resumed":
         print(f"vizkit: resuming: {sum(len(chunks[i]) for i in done)} of {len(files)} images were done", file=sys.stderr)
     pending = [index for index in range(len(chunks)) if index not in done]
+
+    def images_done() -> int:
+        return sum(len(chunks[i]) for i in writer.chunks)
+
     try:
         _explain(job, chunks, pending, writer, tracker, options, model)
         techniques = writer.techniques()
         if options.save_arrays:
-            writer.assemble_arrays(techniques)
+            try:
+                writer.assemble_arrays(techniques)
+            except OSError as error:
+                raise _ChunkNotWritten(error) from error
     except KeyboardInterrupt as interrupt:
-        interrupt.vizkit_partial = (folder.path, sum(len(chunks[i]) for i in writer.chunks), len(files))
+        interrupt.vizkit_partial = (folder.path, images_done(), len(files))
         raise
-    except OSError as error:  # writing the chunks: a full disk, say
-        raise _not_written(error, folder, sum(len(chunks[i]) for i in writer.chunks)) from error
+    except _ChunkNotWritten as error:  # a full disk, say
+        raise _not_written(error.cause, folder, images_done()) from error.cause
     report = Report(
         vizkit_version=__version__,
         created=created.isoformat(),
@@ -325,7 +337,11 @@ def run(
         folder.release()  # nothing written; a folder this run created goes again
         raise UsageError(f"{error} (the work done is kept: add --resume to write it without redoing it)") from None
     except report_folder.ReportNotWritten as error:
-        error.message += f"; the {len(report.images)} images done are kept: rerun with --resume once there is room"
+        error.message += _kept(len(files), error.errno)
+        raise
+    except KeyboardInterrupt as interrupt:
+        if not getattr(interrupt, "vizkit_written", None):
+            interrupt.vizkit_partial = (folder.path, len(files), len(files))
         raise
     _, errors = planned.pm.call("report_written", report=report, outdir=outdir, index=index)
     for error in errors:
@@ -334,13 +350,27 @@ def run(
     return report, index
 
 
+class _ChunkNotWritten(Exception):
+    """Writing a chunk's results failed (``cause``, an OSError): not an error of the
+    executor's, such as Ray's ConnectionError, which is an OSError too."""
+
+    def __init__(self, cause: OSError):
+        super().__init__(str(cause))
+        self.cause = cause
+
+
 def _not_written(error: OSError, folder: report_folder.ReportFolder, done: int = 0) -> report_folder.ReportNotWritten:
     """ReportNotWritten for a failure to write the run's partial results."""
     kept = report_folder.classify(folder.real)[0] == "report"
     failure = report_folder.ReportNotWritten.of(error, folder.path, kept)
     if done:
-        failure.message += f"; the {done} images done are kept: rerun with --resume once there is room"
+        failure.message += _kept(done, error.errno)
     return failure
+
+
+def _kept(done: int, code: int | None) -> str:
+    room = " once there is room" if code in (errno.ENOSPC, getattr(errno, "EDQUOT", None)) else ""
+    return f"; the {done} images done are kept: rerun with --resume{room}"
 
 
 def _check_run_options(options: RunOptions, outdir: Path | None, model, pm) -> None:
@@ -428,8 +458,11 @@ def build_job(model, options: RunOptions, planned: Plan, labels: list[str] | Non
     return loaded, graph, job, described
 
 
-def fingerprint(loaded, options: RunOptions, params: dict, files: list[Path]) -> dict:
-    """What a resumed run must share with the run it continues (keys name what changed)."""
+def fingerprint(loaded, graph, labels: list[str] | None, options: RunOptions, planned: Plan, files: list[Path]) -> dict:
+    """What a resumed run must share with the run it continues (keys name what changed):
+    the model's weights themselves, not only its file (a model trained in a notebook, or
+    random weights drawn again), the inputs, the techniques and metrics in their order
+    with their options, the plugins, the labels, the chunk size."""
     def stat(path: Path) -> list:
         try:
             info = path.stat()
@@ -440,13 +473,25 @@ def fingerprint(loaded, options: RunOptions, params: dict, files: list[Path]) ->
     return {
         "vizkit version": __version__,
         "model": [loaded.name, loaded.sha256, options.weights, options.output, options.size],
+        "model weights": weights_sha256(graph.model),
         "inputs": [[os.fsencode(path).decode("utf-8", "backslashreplace"), *stat(path)] for path in files],
-        "techniques and metrics": json.loads(json.dumps(params, sort_keys=True, default=str)),
-        "preprocessing": [options.preprocess, str(options.labels)],
+        "techniques and metrics": [
+            [name, json.loads(json.dumps(planned.params[name], sort_keys=True, default=str))] for name in planned.params
+        ],
+        "plugins": sorted(f"{p['name']} {p['version']}" for p in host.describe_plugins(planned.pm)),
+        "preprocessing and labels": [options.preprocess, hashlib.sha256(json.dumps(labels).encode()).hexdigest()],
         "images per chunk": options.chunk,
         "arrays (--save-arrays)": options.save_arrays,
         "reproducibility (SOURCE_DATE_EPOCH)": options.is_reproducible,
     }
+
+
+def weights_sha256(model) -> str:
+    """The SHA-256 of a model's weights, in order."""
+    digest = hashlib.sha256()
+    for weight in model.get_weights():
+        digest.update(np.ascontiguousarray(weight).tobytes())
+    return digest.hexdigest()
 
 
 class _ChunkSteps(Progress):
@@ -466,13 +511,20 @@ class _ChunkSteps(Progress):
         self.run.error(text)
 
 
+def _add(writer: ReportWriter, result) -> None:
+    try:
+        writer.add(result)
+    except OSError as error:
+        raise _ChunkNotWritten(error) from error
+
+
 def _explain(job: Job, chunks: list, pending: list[int], writer: ReportWriter, tracker: Progress,
              options: RunOptions, model) -> None:
     """Explain the ``pending`` chunks and hand each result to ``writer`` as it comes.
     One chunk: its steps are the run's (reading, each technique, each metric); several:
     one step of images, advanced per chunk."""
     if len(chunks) == 1 and pending and options.executor == "in-process":
-        writer.add(explain_chunk(job, 0, chunks[0], tracker))
+        _add(writer, explain_chunk(job, 0, chunks[0], tracker))
         return
     total = sum(len(chunk) for chunk in chunks)
     with step(tracker, "explaining", total) as explaining:
@@ -485,7 +537,7 @@ def _explain(job: Job, chunks: list, pending: list[int], writer: ReportWriter, t
             results = (explain_chunk(job, i, chunks[i], _ChunkSteps(tracker, i, len(chunks))) for i in pending)
         with contextlib.closing(results):  # a Ray instance the run started stops at once, on Ctrl-C too
             for result in results:
-                writer.add(result)
+                _add(writer, result)
                 explaining.advance(len(chunks[result.index]))
         failed = sum(image.status == "error" for image in writer.images())
         if failed:
