@@ -415,3 +415,8 @@ def test_unique_ids_strip_characters_unsafe_in_html_ids():
     for image_id in ids:
         assert re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]*", image_id), image_id
     assert len(set(ids)) == len(ids)
+
+
+def test_unique_ids_ignore_case():
+    """Ids name picture files: Cat.png and cat.png are one file on macOS and Windows."""
+    assert unique_ids([Path("a/Cat.jpg"), Path("b/cat.png"), Path("c/CAT.gif")]) == ["Cat", "cat-2", "CAT-3"]

@@ -82,12 +82,9 @@ def explain_chunk(job: Job, index: int, files: list[tuple[str, Path]], tracker: 
     records, explanations = [], []
     for registered in job.techniques:
         technique = registered.technique
-        context = job.context(technique.name, good if index == 0 or technique.run_batch is not None else [])
         if technique.run_batch is None and index > 0:
-            records.append(TechniqueRecord(technique.name, registered.plugin, technique.description, "ok",
-                                           context.params, comparable=technique.comparable))
-            continue
-        record, artifacts = _run_technique(registered, context, tracker)
+            continue  # runs once, in the first chunk: its record is that chunk's
+        record, artifacts = _run_technique(registered, job.context(technique.name, good), tracker)
         records.append(record)
         if technique.comparable and artifacts:
             explanations.append((record, Explanation(technique, record.params, artifacts)))

@@ -169,15 +169,18 @@ class LoadedImage:
 
 
 def unique_ids(paths: list[Path]) -> list[str]:
-    """Short, stable ids from file names (``cat``, ``cat-2``), safe in HTML ids and npz keys."""
+    """Short, stable ids from file names (``cat``, ``cat-2``, ``Cat-2``), safe in HTML ids,
+    npz keys and file names, and unique ignoring case."""
     ids: list[str] = []
+    taken: set[str] = set()  # case-folded: the ids name picture files, and Cat.png is cat.png on macOS
     for path in paths:
         base = re.sub(r"[^A-Za-z0-9_.-]+", "-", path.stem).strip("-.") or "image"
         candidate, n = base, 1
-        while candidate in ids:
+        while candidate.lower() in taken:
             n += 1
             candidate = f"{base}-{n}"
         ids.append(candidate)
+        taken.add(candidate.lower())
     return ids
 
 

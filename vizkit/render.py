@@ -25,7 +25,7 @@ import numpy as np
 from vizkit import report_folder
 from vizkit.pictures import FOLDER, Picture, png_bytes
 from vizkit.report import Report
-from vizkit.report_pages import layout_of, subset
+from vizkit.report_pages import by_image, layout_of, subset
 
 #: Pictures narrower than this are scaled up (nearest neighbour) by an integer factor.
 MIN_DISPLAY_WIDTH = 320
@@ -167,10 +167,10 @@ def render_pages(report: Report, theme: Theme | None = None) -> dict[str, str]:
         return render
 
     summary, images, classes = template("", "summary.html"), template("../", "page.html"), template("../", "class.html")
-    pages = {"index.html": summary(report=report)}
+    pages, index = {"index.html": summary(report=report)}, by_image(report)
     for number, page in enumerate(layout.pages):
         pages[page.name] = images(
-            report=subset(report, page.images), page=page,
+            report=subset(report, page.images, index), page=page,
             previous=layout.pages[number - 1] if number else None,
             next=layout.pages[number + 1] if number + 1 < len(layout.pages) else None,
         )

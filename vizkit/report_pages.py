@@ -99,17 +99,31 @@ def layout_of(report: Report, page_size: int = PAGE_SIZE) -> Layout:
     )
 
 
-def subset(report: Report, images: list[ImageRecord]) -> Report:
+def subset(report: Report, images: list[ImageRecord], index: dict | None = None) -> Report:
     """The report restricted to ``images``: their records, and each technique's
-    artifacts and measurements of them (the technique-wide ones belong to the summary)."""
-    ids = {image.id for image in images}
+    artifacts, measurements and errors of them (the technique-wide ones belong to the
+    summary). ``index``: :func:`by_image` of the report, for many subsets of one report."""
+    index = index if index is not None else by_image(report)
+    ids = [image.id for image in images]
     techniques = [
         dataclasses.replace(
-            t,
-            artifacts=[a for a in t.artifacts if a.image_id in ids],
-            evidence=[m for m in t.evidence if m.image_id in ids],
-            image_errors=[e for e in t.image_errors if e["image_id"] in ids],
+            t, **{part: [item for image_id in ids for item in index[t.name][part].get(image_id, ())]
+                  for part in ("artifacts", "evidence", "image_errors")},
         )
         for t in report.techniques
     ]
     return dataclasses.replace(report, images=list(images), techniques=techniques, sections=[])
+
+
+def by_image(report: Report) -> dict[str, dict[str, dict[str, list]]]:
+    """technique → artifacts / evidence / image_errors → image id → items, in order."""
+    index: dict[str, dict[str, dict[str, list]]] = {}
+    for t in report.techniques:
+        parts = index[t.name] = {"artifacts": {}, "evidence": {}, "image_errors": {}}
+        for part, items in (("artifacts", t.artifacts), ("evidence", t.evidence)):
+            for item in items:
+                if item.image_id is not None:
+                    parts[part].setdefault(item.image_id, []).append(item)
+        for error in t.image_errors:
+            parts["image_errors"].setdefault(error["image_id"], []).append(error)
+    return index
