@@ -105,6 +105,11 @@ def test_the_folder_layout_writes_every_picture_as_a_file(model_file, images, tm
     assert "index.html" in pages and "pages/images-0001.html" in pages
     for page in pages:
         assert "data:image" not in (out / page).read_text()
+    # the pictures are the one-page report's: decoded from its bytes and from the files
+    singles = {a.key: a for t in whole[0].techniques for a in t.artifacts}
+    for technique in report.techniques:
+        for artifact in technique.artifacts:
+            np.testing.assert_array_equal(artifact.picture.pixels(out), singles[artifact.key].picture.pixels())
     # nothing per image is held in memory: pictures are file names, arrays on disk
     for technique in report.techniques:
         for artifact in technique.artifacts:

@@ -71,25 +71,33 @@ def check_ray(options, model, pm) -> None:
         raise UsageError(f"--workers {options.workers}: give a number of model replicas of at least 1")
 
 
-def ray_results(model, options, chunks: list, pending: list[int]):
-    """The ``pending`` chunks explained by Ray actors: ChunkResults as they finish."""
+def ray_results(model, options, chunks: list, pending: list[int], weights: str):
+    """The ``pending`` chunks explained by Ray actors: ChunkResults as they finish.
+    ``weights``: the SHA-256 of the driver's model weights (``runner.weights_sha256``);
+    a worker whose model differs (random weights drawn again) refuses the run."""
     if not pending:  # a resumed run that had finished them all
         return
     import ray.data
 
+    from vizkit.runner import UsageError
+
     started = not ray.is_initialized()
     if started:  # a local instance's start-up notices concern nothing the user set up
-        ray.init(address=options.address, include_dashboard=False, log_to_driver=True,
-                 ignore_reinit_error=True, logging_level="WARNING" if options.address else "ERROR")
+        try:
+            ray.init(address=options.address, include_dashboard=False, log_to_driver=True,
+                     ignore_reinit_error=True, logging_level="WARNING" if options.address else "ERROR")
+        except ConnectionError as error:  # an OSError: not to be taken for a full disk
+            raise UsageError(f"--executor ray: cannot reach the Ray cluster at {options.address or 'a local instance'}: "
+                             f"{error}") from None
     try:
         with _quiet_ray_data(ray.data.DataContext.get_current()):
-            yield from _map(ray, model, options, chunks, pending)
+            yield from _map(ray, model, options, chunks, pending, weights)
     finally:
         if started:
             ray.shutdown()
 
 
-def _map(ray, model, options, chunks: list, pending: list[int]):
+def _map(ray, model, options, chunks: list, pending: list[int], weights: str):
     resources = ray.cluster_resources()
     cpus, gpus = resources.get("CPU") or 1.0, resources.get("GPU", 0.0)  # no CPU yet: an autoscaling cluster
     default = int(gpus) or min(max(2, int(cpus) // CPUS_PER_WORKER), max(1, int(cpus)))
@@ -104,7 +112,7 @@ def _map(ray, model, options, chunks: list, pending: list[int]):
     dataset = ray.data.from_items(rows, override_num_blocks=len(rows)).map_batches(  # a block per chunk
         ChunkActor,
         fn_constructor_kwargs={"model": _absolute(model), "options": _shipped(options),
-                               "threads": max(1, int(actor["num_cpus"]))},
+                               "threads": max(1, int(actor["num_cpus"])), "weights": weights},
         batch_size=1,
         compute=ray.data.ActorPoolStrategy(size=workers),
         runtime_env={"env_vars": env},
@@ -156,7 +164,7 @@ class ChunkActor:
     as a UsageError: Ray's own error for a failed actor would bury it in tracebacks.
     """
 
-    def __init__(self, model, options, threads: int):
+    def __init__(self, model, options, threads: int, weights: str):
         from vizkit import runner
         from vizkit.labels import LabelsError, read_labels
         from vizkit.tensorflow_setup import start_tensorflow
@@ -174,6 +182,13 @@ class ChunkActor:
             _, _, self.job, _ = runner.build_job(model, options, planned, labels)
         except (runner.UsageError, LabelsError) as error:
             self.error = str(error) or type(error).__name__
+            return
+        if runner.weights_sha256(self.job.graph.model) != weights:
+            self.error = (
+                "the model a Ray worker loaded has other weights than vizkit's (random weights drawn again, "
+                "or another file on its node): set SOURCE_DATE_EPOCH for seeded weights, or save the model "
+                "to a file every node reads"
+            )
 
     def __call__(self, batch: dict) -> dict:
         from vizkit.chunk import explain_chunk

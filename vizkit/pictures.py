@@ -13,6 +13,7 @@ import hashlib
 import io
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 from PIL import Image
@@ -45,6 +46,14 @@ class Picture:
     def written(self) -> Picture:
         """The same picture without its bytes: what a record keeps once the file is written."""
         return Picture(self.path, self.shape)
+
+    def pixels(self, root: str | None = None) -> np.ndarray:
+        """The picture as a uint8 array: from its bytes, or its file under ``root`` (the
+        report folder) once written."""
+        data = self.png if self.png is not None else (Path(root) / self.path).read_bytes() if root else None
+        if data is None:
+            raise ValueError(f"{self.path}: its bytes were written to the report folder: give its path (root)")
+        return np.asarray(Image.open(io.BytesIO(data)))
 
 
 def path_of(*parts: str | None) -> str:

@@ -532,7 +532,7 @@ def _explain(job: Job, chunks: list, pending: list[int], writer: ReportWriter, t
         if options.executor == "ray":
             from vizkit import executors
 
-            results = executors.ray_results(model, options, chunks, pending)
+            results = executors.ray_results(model, options, chunks, pending, weights_sha256(job.graph.model))
         else:
             results = (explain_chunk(job, i, chunks[i], _ChunkSteps(tracker, i, len(chunks))) for i in pending)
         with contextlib.closing(results):  # a Ray instance the run started stops at once, on Ctrl-C too
