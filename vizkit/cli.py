@@ -119,8 +119,9 @@ or a report hook failed; 2 bad arguments (nothing written); 3 internal error; 4 
 report could not be written (disk full; the folder is as it was); 130 interrupted
 (Ctrl-C)."""
 
-OVERWRITE_HELP = ("Write into -o even if it holds files vizkit did not write: its index.html, report.json "
-                  "and arrays.npz are replaced, its other files kept. Not needed to replace a vizkit report.")
+OVERWRITE_HELP = ("Write into -o even if it holds files vizkit did not write: its index.html, report.json, "
+                  "arrays.npz, pages/ and pictures/ are replaced, its other files kept (a pages/ or pictures/ "
+                  "folder vizkit did not write is refused). Not needed to replace a vizkit report.")
 
 
 @click.group(cls=VizkitGroup, epilog=EXIT_STATUS)

@@ -68,7 +68,7 @@ class RunOptions:
     labels: Path | None = None
     save_arrays: bool = False
     #: Write into ``outdir`` even when it holds files vizkit did not write (--overwrite):
-    #: its index.html, report.json and arrays.npz are replaced, its other files kept.
+    #: its index.html, report.json, arrays.npz, pages/ and pictures/ are replaced, its other files kept.
     overwrite: bool = False
     #: Byte-identical output for identical inputs; None: when ``SOURCE_DATE_EPOCH`` is set.
     #: It dates the report from ``SOURCE_DATE_EPOCH`` (else 1970), leaves durations out,
@@ -153,7 +153,7 @@ def check_outdir(outdir: Path | None, overwrite: bool = False) -> report_folder.
     except report_folder.NotAReportFolder as error:
         raise UsageError(
             f"-o {error}: pick an empty or new folder, or add --overwrite to write the report into it anyway "
-            "(its index.html, report.json and arrays.npz are replaced, its other files kept)"
+            "(its index.html, report.json, arrays.npz, pages/ and pictures/ are replaced, its other files kept)"
         ) from None
     except report_folder.FolderBusy as error:
         raise UsageError(f"{error}: wait for it to finish, or pick another folder with -o") from None
