@@ -50,6 +50,20 @@ def options(**changes) -> RunOptions:
     return RunOptions(techniques=list(TECHNIQUES), metrics=["faithfulness"], settings=SETTINGS, save_arrays=True, **changes)
 
 
+def interrupt_at(monkeypatch, stop: int | None) -> list[int]:
+    """explain_chunk raises Ctrl-C at chunk ``stop``; returns the chunks it explains."""
+    real, explained = REAL_EXPLAIN, []
+
+    def explain(job, index, *args, **kwargs):
+        if index == stop:
+            raise KeyboardInterrupt
+        explained.append(index)
+        return real(job, index, *args, **kwargs)
+
+    monkeypatch.setattr(runner, "explain_chunk", explain)
+    return explained
+
+
 def files_of(folder) -> dict[str, bytes]:
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
@@ -125,34 +139,24 @@ def _without_pictures(value):
 
 
 def test_an_interrupted_run_resumes_where_it_stopped(model_file, images, tmp_path, whole, monkeypatch):
-    real, explained = runner.explain_chunk, []
-
-    def interrupted_at_2(job, index, *args, **kwargs):
-        if index == 2:
-            raise KeyboardInterrupt
-        explained.append(index)
-        return real(job, index, *args, **kwargs)
-
-    monkeypatch.setattr(runner, "explain_chunk", interrupted_at_2)
+    before = interrupt_at(monkeypatch, 2)
     with pytest.raises(KeyboardInterrupt) as stopped:
         run(model_file, [images], options(chunk=2), tmp_path / "out")
-    assert stopped.value.vizkit_partial == (tmp_path / "out", 4, 7)
+    assert before == [0, 1] and stopped.value.vizkit_partial == (tmp_path / "out", 4, 7)
     assert not (tmp_path / "out").exists() and (tmp_path / ".out.vizkit-partial").is_dir()
 
-    monkeypatch.setattr(runner, "explain_chunk", lambda job, index, *a, **k: explained.append(index) or real(job, index, *a, **k))
+    after = interrupt_at(monkeypatch, None)
     run(model_file, [images], options(chunk=2, resume=True), tmp_path / "out")
-    assert explained == [0, 1, 2, 3]  # chunks 0 and 1 once, before the interruption; then 2 and 3
+    assert after == [2, 3]  # only the chunks not done
     assert_same_report(tmp_path / "out", whole[1])
     assert not (tmp_path / ".out.vizkit-partial").exists()
 
 
 def test_resume_refuses_partial_results_of_other_options(model_file, images, tmp_path, monkeypatch):
-    real = runner.explain_chunk
-    monkeypatch.setattr(runner, "explain_chunk", lambda job, index, *a, **k: (_ for _ in ()).throw(KeyboardInterrupt)
-                        if index == 1 else real(job, index, *a, **k))
+    interrupt_at(monkeypatch, 1)
     with pytest.raises(KeyboardInterrupt):
         run(model_file, [images], options(chunk=3), tmp_path / "out")
-    monkeypatch.setattr(runner, "explain_chunk", real)
+    interrupt_at(monkeypatch, None)
     changed = options(chunk=3, resume=True)
     changed.settings = {**SETTINGS, "activations": {"max_channels": 3}}
     with pytest.raises(UsageError, match=r"other inputs or options; changed since: techniques and metrics: run without"):
@@ -163,21 +167,17 @@ def test_resume_refuses_partial_results_of_other_options(model_file, images, tmp
 
 
 def test_without_resume_a_new_run_starts_over(model_file, images, tmp_path, whole, monkeypatch, capsys):
-    real = runner.explain_chunk
-    monkeypatch.setattr(runner, "explain_chunk", lambda job, index, *a, **k: (_ for _ in ()).throw(KeyboardInterrupt)
-                        if index == 1 else real(job, index, *a, **k))
+    interrupt_at(monkeypatch, 1)
     with pytest.raises(KeyboardInterrupt):
         run(model_file, [images], options(chunk=3), tmp_path / "out")
-    monkeypatch.setattr(runner, "explain_chunk", real)
+    interrupt_at(monkeypatch, None)
     run(model_file, [images], options(chunk=3), tmp_path / "out")
     assert "discarded the partial results of an interrupted run" in capsys.readouterr().err
     assert_same_report(tmp_path / "out", whole[1])
 
 
 def test_ctrl_c_on_the_command_line_says_how_to_resume(vizkit_cli, model_file, images, tmp_path, monkeypatch):
-    real = runner.explain_chunk
-    monkeypatch.setattr(runner, "explain_chunk", lambda job, index, *a, **k: (_ for _ in ()).throw(KeyboardInterrupt)
-                        if index == 2 else real(job, index, *a, **k))
+    interrupt_at(monkeypatch, 2)
     result = vizkit_cli("run", model_file, images, "-t", "gradcam", "--no-metrics", "--chunk", "3", "-o", tmp_path / "out")
     assert result.exit_code == ExitCode.INTERRUPTED
     assert re.search(r"interrupted; no report was written; the 6 of 7 images done are kept: run the same command "
@@ -307,20 +307,6 @@ def test_a_folder_report_is_byte_identical_on_a_rerun(model_file, images, tmp_pa
         run(model_file, [images], options(chunk=3, layout="folder"), tmp_path / name)
     first, second = files_of(tmp_path / "first"), files_of(tmp_path / "second")
     assert first == second and sum(name.startswith("pictures/") for name in first) == 7 + 7 * 5
-
-
-def interrupt_at(monkeypatch, stop: int) -> list[int]:
-    """explain_chunk raises Ctrl-C at chunk ``stop``; returns the chunks it explains."""
-    real, explained = REAL_EXPLAIN, []
-
-    def explain(job, index, *args, **kwargs):
-        if index == stop:
-            raise KeyboardInterrupt
-        explained.append(index)
-        return real(job, index, *args, **kwargs)
-
-    monkeypatch.setattr(runner, "explain_chunk", explain)
-    return explained
 
 
 def test_resume_redoes_a_chunk_whose_files_went_missing(model_file, images, tmp_path, whole, monkeypatch, capsys):
