@@ -107,7 +107,7 @@ def test_the_folder_layout_writes_every_picture_as_a_file(model_file, images, tm
     assert data["layout"] == "folder" and data["executor"] == "in-process"
     pictures = [i["picture"] for i in data["images"]] + [
         a["picture"] for t in data["techniques"] for a in t["artifacts"]]
-    assert len(pictures) == 7 + 7 * 2 + 7 * 2 + 7  # inputs, gradcam+saliency, activations of 2 layers
+    assert len(pictures) == 7 + 7 * 2 + 7 * 3  # inputs, gradcam and saliency, activations of 3 layers
     for path in pictures:
         assert (out / path).is_file() and (out / path).read_bytes().startswith(b"\x89PNG")
     # the same numbers as the one-page report: only where the pictures are differs
@@ -121,13 +121,21 @@ def test_the_folder_layout_writes_every_picture_as_a_file(model_file, images, tm
         assert "data:image" not in (out / page).read_text()
     # the pictures are the one-page report's: decoded from its bytes and from the files
     singles = {a.key: a for t in whole[0].techniques for a in t.artifacts}
+    for technique in data["techniques"]:
+        for artifact in technique["artifacts"]:
+            picture = Picture(artifact["picture"], tuple(artifact["shape"]))
+            np.testing.assert_array_equal(picture.pixels(out), singles[artifact["array"]].picture.pixels())
+    # report.json streamed from the chunk files is laid out as json.dumps lays it out
+    text = (out / "report.json").read_text()
+    assert text == json.dumps(data, indent=2, ensure_ascii=False) + "\n"
+    # nothing per image is held in memory: pictures are file names, arrays and per-image results on disk
+    images_of = {"gradcam": 7, "activations": 21, "saliency": 7}  # activations: 3 layers
     for technique in report.techniques:
-        for artifact in technique.artifacts:
-            np.testing.assert_array_equal(artifact.picture.pixels(out), singles[artifact.key].picture.pixels())
-    # nothing per image is held in memory: pictures are file names, arrays on disk
-    for technique in report.techniques:
-        for artifact in technique.artifacts:
-            assert artifact.array is None and isinstance(artifact.picture, Picture) and artifact.picture.png is None
+        assert technique.artifacts == [] and technique.per_image_artifacts == images_of[technique.name]
+        assert technique.evidence == []  # faithfulness measures per image only
+        assert technique.measured_images == (7 if technique.comparable else 0)
+    assert all(isinstance(image.picture, Picture) and image.picture.png is None for image in report.images)
+    assert report.summary() == single["summary"]
 
 
 def _without_pictures(value):

@@ -148,11 +148,13 @@ def render_html(report: Report, theme: Theme | None = None, root: Path | None = 
     return _environment(theme, Sources(root)).get_template("report.html").render(report=report, css=_css(theme))
 
 
-def render_pages(report: Report, theme: Theme | None = None) -> dict[str, str]:
+def render_pages(report: Report, theme: Theme | None = None, page_report=None) -> dict[str, str]:
     """The folder layout's pages, name → HTML: ``index.html`` (the summary) and the
     pages of images and of classes under ``pages/``, linking to the pictures' files.
     One environment per kind of page (compiling the templates per page costs ~0.1 s),
-    its full-size views counted afresh for each page."""
+    its full-size views counted afresh for each page. ``page_report(report, images)``:
+    the report of a page's images (default :func:`report_pages.subset`; a streamed run's
+    writer reads their results back from disk)."""
     theme = theme or Theme()
     css, layout = _css(theme), layout_of(report)
 
@@ -167,10 +169,16 @@ def render_pages(report: Report, theme: Theme | None = None) -> dict[str, str]:
         return render
 
     summary, images, classes = template("", "summary.html"), template("../", "page.html"), template("../", "class.html")
-    pages, index = {"index.html": summary(report=report)}, by_image(report)
+    pages = {"index.html": summary(report=report)}
+    if page_report is None:
+        index = by_image(report)
+
+        def page_report(report: Report, images: list) -> Report:
+            return subset(report, images, index)
+
     for number, page in enumerate(layout.pages):
         pages[page.name] = images(
-            report=subset(report, page.images, index), page=page,
+            report=page_report(report, page.images), page=page,
             previous=layout.pages[number - 1] if number else None,
             next=layout.pages[number + 1] if number + 1 < len(layout.pages) else None,
         )
@@ -224,13 +232,16 @@ def check_size(files: dict[str, bytes], max_bytes: int | None, written: dict[str
         raise ReportTooLarge(sum(sizes.values()), max_bytes, sizes)
 
 
-def render_files(report: Report, theme: Theme | None = None, root: Path | None = None) -> dict[str, bytes]:
+def render_files(report: Report, theme: Theme | None = None, root: Path | None = None, page_report=None) -> dict[str, bytes]:
     """The report's files, rendered in memory: name → bytes. ``root``: the folder where
-    the run wrote its pictures (and ``arrays.npz``); without it, the pictures are arrays
-    and ``arrays.npz`` is made here, when the report saves arrays."""
-    files = {"report.json": (json.dumps(report.to_json(), indent=2, ensure_ascii=False, allow_nan=False) + "\n").encode()}
+    the run wrote its pictures (and ``arrays.npz``, and ``report.json`` where it is there
+    already); without it, the pictures are arrays and ``arrays.npz`` is made here, when
+    the report saves arrays. ``page_report``: as :func:`render_pages`'."""
+    files = {}
+    if root is None or not (root / "report.json").is_file():
+        files["report.json"] = (json.dumps(report.to_json(), indent=2, ensure_ascii=False, allow_nan=False) + "\n").encode()
     if report.layout == "folder":
-        files.update((name, html.encode("utf-8")) for name, html in render_pages(report, theme).items())
+        files.update((name, html.encode("utf-8")) for name, html in render_pages(report, theme, page_report).items())
     else:
         files["index.html"] = render_html(report, theme, root).encode("utf-8")
     if report.arrays_saved and root is None:
@@ -239,7 +250,8 @@ def render_files(report: Report, theme: Theme | None = None, root: Path | None =
 
 
 def write(report: Report, outdir: Path | report_folder.ReportFolder, theme: Theme | None = None,
-          max_bytes: int | None = None, staged: Path | None = None, drop: tuple[str, ...] = ()) -> Path:
+          max_bytes: int | None = None, staged: Path | None = None, drop: tuple[str, ...] = (),
+          page_report=None) -> Path:
     """Write the report into ``outdir``, as a whole; returns the path of index.html.
 
     Everything is rendered in memory first, then published: the folder ends up holding
@@ -250,7 +262,7 @@ def write(report: Report, outdir: Path | report_folder.ReportFolder, theme: Them
     is writing, is then refused (``report_folder.FolderRefused``). ``max_bytes``: the
     largest the files may be together; larger, :class:`ReportTooLarge` and nothing written.
     """
-    files = render_files(report, theme, staged)
+    files = render_files(report, theme, staged, page_report)
     if report.layout == "single":
         drop = (*drop, FOLDER)  # the page holds the pictures
     written = {}

@@ -130,6 +130,27 @@ class MetricRecord:
 
 
 @dataclass
+class Spilled:
+    """A technique's per-image results once written to disk and let go (a folder-layout
+    run): what the summary needs of them. ``values``: metric → column key → the per-image
+    values, in image order; ``curves``: metric → the first image's curves (for a legend)."""
+
+    artifacts: int = 0  # per-image artifacts
+    measured: int = 0  # images with measurements
+    values: dict[str, dict[str, list[float]]] = field(default_factory=dict)
+    curves: dict[str, list] = field(default_factory=dict)
+
+    def add(self, other: Spilled) -> None:
+        self.artifacts += other.artifacts
+        self.measured += other.measured
+        for metric, columns in other.values.items():
+            for key, values in columns.items():
+                self.values.setdefault(metric, {}).setdefault(key, []).extend(values)
+        for metric, curves in other.curves.items():
+            self.curves.setdefault(metric, curves)
+
+
+@dataclass
 class TechniqueRecord:
     name: str
     plugin: str
@@ -144,10 +165,29 @@ class TechniqueRecord:
     notes: list[str] = field(default_factory=list)
     artifacts: list[ArtifactRecord] = field(default_factory=list)
     evidence: list[MeasurementRecord] = field(default_factory=list)  # what the metrics found
+    #: Set where the per-image artifacts and measurements were written to disk and let go:
+    #: ``artifacts`` and ``evidence`` then hold only the technique-wide ones.
+    spilled: Spilled | None = None
 
     def evidence_for(self, image_id: str | None) -> list[MeasurementRecord]:
         """The measurements of this technique's map of ``image_id`` (None: of the technique)."""
         return [m for m in self.evidence if m.image_id == image_id]
+
+    @property
+    def per_image_artifacts(self) -> int:
+        """How many of its artifacts are of an image, in memory or spilled."""
+        return self.spilled.artifacts if self.spilled else sum(a.image_id is not None for a in self.artifacts)
+
+    @property
+    def measured_images(self) -> int:
+        """How many images the metrics measured its maps of."""
+        return self.spilled.measured if self.spilled else len({m.image_id for m in self.evidence if m.image_id is not None})
+
+    def sample_curves(self, metric: str) -> list:
+        """The curves ``metric`` drew under its first image's map ([] if none)."""
+        if self.spilled:
+            return self.spilled.curves.get(metric, [])
+        return next((m.curves for m in self.evidence if m.metric == metric and m.image_id is not None and m.curves), [])
 
     @property
     def one_per_image(self) -> bool:
@@ -199,21 +239,24 @@ class Report:
         direction (methods without that value last), then by name."""
         rows = []
         for technique in self.techniques:
-            if not technique.evidence:
+            if not technique.evidence and not technique.measured_images:
                 continue
             values: dict[str, dict[str, float]] = {}
             for metric in self.metrics:
                 found = [m for m in technique.evidence if m.metric == metric.name]
                 whole = next((m.values for m in found if m.image_id is None), {})
                 for column in metric.columns:
-                    per_image = [m.values[column.key] for m in found if m.image_id is not None and column.key in m.values]
+                    if technique.spilled:
+                        per_image = technique.spilled.values.get(metric.name, {}).get(column.key, [])
+                    else:
+                        per_image = [m.values[column.key] for m in found if m.image_id is not None and column.key in m.values]
                     if column.key in whole:
                         values.setdefault(metric.name, {})[column.key] = whole[column.key]
                     elif per_image:
                         values.setdefault(metric.name, {})[column.key] = round(float(np.mean(per_image)), 6)
             rows.append({
                 "technique": technique.name,
-                "images": len({m.image_id for m in technique.evidence if m.image_id is not None}),
+                "images": technique.measured_images,
                 "values": values,
                 "warnings": [m.warning for m in technique.evidence if m.warning and m.image_id is None],
                 "checked": any(m.image_id is None for m in technique.evidence),

@@ -128,17 +128,6 @@ class ReportNotWritten(OSError):
         return cls(error.errno, text + ("; the report already there is unchanged" if kept else ""), folder)
 
 
-def _remove(path: Path) -> None:
-    """Delete a file or a folder, if there."""
-    if os.path.isdir(path) and not os.path.islink(path):
-        shutil.rmtree(path, ignore_errors=True)
-    else:
-        try:
-            os.unlink(path)
-        except FileNotFoundError:
-            pass
-
-
 def _inner_temporary(name: str) -> bool:
     """One of the names vizkit itself makes inside a folder (its lock, a ``new-*`` folder
     of files being written): a user's own ``.vizkit-notes`` is not one."""
@@ -450,9 +439,6 @@ class ReportFolder:
             raise RuntimeError(f"{self!r}: publish() needs a claimed folder (vizkit.report_folder.claim)")
         kind, backup = "missing", None
         try:
-            if staged is not None:  # what a publish that failed left there: rendered again now
-                for name in ("index.html", "report.json", "pages"):
-                    _remove(staged / name)
             kind, foreign = classify(self.real) if os.path.isdir(self.real) else ("missing", [])
             if kind == "foreign" and not self.overwrite:  # files were added during the run
                 raise ReportNotWritten(

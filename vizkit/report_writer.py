@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import zipfile
 from pathlib import Path
@@ -28,7 +29,7 @@ from vizkit import files as file_io
 from vizkit.chunk import ChunkResult
 from vizkit.metric import Column, Curve
 from vizkit.pictures import Picture
-from vizkit.report import ArtifactRecord, ImageRecord, MeasurementRecord, MetricRecord, TechniqueRecord
+from vizkit.report import ArtifactRecord, ImageRecord, MeasurementRecord, MetricRecord, Spilled, TechniqueRecord
 
 #: The partial folder's own entries, removed before it is published.
 INTERNAL = ".vizkit-run"
@@ -53,6 +54,8 @@ class ReportWriter:
         self.in_memory = in_memory  # a one-page report's records keep arrays and PNG bytes
         self.chunks: dict[int, ChunkResult] = {}
         self.resumed: set[int] = set()
+        self.chunk_of: dict[str, int] = {}  # image id → its chunk
+        self._loaded: dict[int, ChunkResult] = {}  # the chunk files last read back whole
 
     @property
     def internal(self) -> Path:
@@ -75,8 +78,10 @@ class ReportWriter:
                 for path in sorted((self.internal / "chunks").glob("[0-9]*.json")):
                     data = json.loads(path.read_text(encoding="utf-8"))
                     if self._complete(data):
-                        result = _chunk_from_json(data)
-                        self.chunks[result.index] = result
+                        self._keep(_chunk_from_json(data))
+                for name in ("index.html", "report.json", "pages"):  # of a publish that failed: made again
+                    path = self.root / name
+                    shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
                 self.resumed = set(self.chunks)
                 return set(self.chunks), "resumed"
             if not resume and any((self.internal / "chunks").glob("[0-9]*.json")):
@@ -123,7 +128,81 @@ class ReportWriter:
         data = {**_chunk_json(result, arrays), "files": files}
         with file_io.atomic_path(self.internal / "chunks" / f"{result.index:05d}.json") as path:
             path.write_bytes(_json_bytes(data))
+        self._keep(result)
+
+    def _keep(self, result: ChunkResult) -> None:
+        """Keep a chunk's records: whole for a one-page report; else its images and what
+        the summary needs of its per-image results (:class:`Spilled`), which
+        :meth:`page` and :meth:`write_report_json` read back from the chunk's file."""
+        if not self.in_memory:
+            for record in result.techniques:
+                record.spilled = _spill(record)
         self.chunks[result.index] = result
+        self.chunk_of.update((image.id, result.index) for image in result.images)
+
+    def _chunk(self, index: int) -> ChunkResult:
+        """Chunk ``index`` whole: from memory, or read back from its file."""
+        if self.in_memory:
+            return self.chunks[index]
+        if index not in self._loaded:
+            if len(self._loaded) > 2:  # a page spans two chunks at most, with the default sizes
+                self._loaded.pop(next(iter(self._loaded)))
+            path = self.internal / "chunks" / f"{index:05d}.json"
+            self._loaded[index] = _chunk_from_json(json.loads(path.read_text(encoding="utf-8")))
+        return self._loaded[index]
+
+    def page(self, report, images: list[ImageRecord]):
+        """``report`` restricted to ``images``, with every per-image result of theirs,
+        read back from the chunk files (``report_pages.subset``'s job for a folder run)."""
+        import dataclasses
+
+        ids = {image.id for image in images}
+        chunks = sorted({self.chunk_of[image.id] for image in images})
+        whole: dict[str, list[TechniqueRecord]] = {}
+        for index in chunks:
+            for record in self._chunk(index).techniques:
+                whole.setdefault(record.name, []).append(record)
+        techniques = [
+            dataclasses.replace(
+                t, spilled=None,
+                artifacts=[a for r in whole.get(t.name, []) for a in r.artifacts if a.image_id in ids],
+                evidence=[m for r in whole.get(t.name, []) for m in r.evidence if m.image_id in ids],
+                image_errors=[e for e in t.image_errors if e["image_id"] in ids],
+            )
+            for t in report.techniques
+        ]
+        return dataclasses.replace(report, images=list(images), techniques=techniques, sections=[])
+
+    def write_report_json(self, report) -> None:
+        """``report.json`` into the partial folder, as ``json.dumps(report.to_json(),
+        indent=2)`` would write it were every record in memory: the per-image lists
+        streamed from the chunk files, one chunk at a time."""
+        files = report.layout == "folder"
+        skeleton = report.to_json()
+        skeleton["images"] = _PLACEHOLDER.format("images")
+        streams = {"images": (image.to_json(files) for index in sorted(self.chunks) for image in self._chunk(index).images)}
+        for number, technique in enumerate(report.techniques):
+            for part in ("artifacts", "evidence"):
+                name = f"{number}-{part}"
+                skeleton["techniques"][number][part] = _PLACEHOLDER.format(name)
+                streams[name] = self._stream(technique.name, part, report.arrays_saved, files)
+        text = json.dumps(skeleton, indent=2, ensure_ascii=False, allow_nan=False)
+        with file_io.atomic_path(self.root / "report.json") as path, open(path, "w", encoding="utf-8") as out:
+            start = 0
+            for found in _PLACED.finditer(text):
+                out.write(text[start:found.start()])
+                line = text[text.rfind("\n", 0, found.start()) + 1:found.start()]
+                _write_list(out, streams[found.group(1)], len(line) - len(line.lstrip(" ")))
+                start = found.end()
+            out.write(text[start:] + "\n")
+
+    def _stream(self, technique: str, part: str, arrays_saved: bool, files: bool):
+        """A technique's ``artifacts`` or ``evidence`` as report.json has them, chunk by chunk."""
+        for index in sorted(self.chunks):
+            for record in self._chunk(index).techniques:
+                if record.name == technique:
+                    for item in getattr(record, part):
+                        yield item.to_json(arrays_saved, files) if part == "artifacts" else item.to_json(files)
 
     # ------------------------------------------------------------------ the whole run
 
@@ -165,7 +244,11 @@ class ReportWriter:
         files = {}
         for index in self.chunks:
             files.update(_array_files(self.internal / "chunks" / f"{index:05d}.json"))
-        keys = [a.key for t in techniques for a in t.artifacts if a.key in files]
+        keys = [
+            a.key for t in techniques for index in sorted(self.chunks)
+            for record in self._chunk(index).techniques if record.name == t.name
+            for a in record.artifacts if a.key in files
+        ]
         _write_npz(self.root / "arrays.npz", [(key, self.internal / "arrays" / files[key]) for key in keys])
 
 def _pictures(result: ChunkResult):
@@ -191,11 +274,15 @@ def _merge_techniques(records: list[TechniqueRecord]) -> TechniqueRecord:
         artifacts=[a for r in records for a in r.artifacts],
         evidence=[m for r in records for m in r.evidence],
     )
+    for record in records:
+        if record.spilled is not None:
+            merged.spilled = merged.spilled or Spilled()
+            merged.spilled.add(record.spilled)
     failed = [r for r in ran if r.status in ("error", "partial")]
     if len(records) == 1 or all(r.status == "skipped" for r in records):
         merged.status, merged.error, merged.traceback = first.status, first.error, first.traceback
     elif failed:
-        merged.status = "partial" if merged.artifacts else "error"
+        merged.status = "partial" if merged.artifacts or merged.per_image_artifacts else "error"
         whole = next((r for r in failed if r.traceback), None)
         merged.error = whole.error if whole else f"{len(merged.image_errors)} image(s) failed"
         merged.traceback = whole.traceback if whole else None
@@ -232,6 +319,41 @@ def _write_npz(path: Path, entries: list[tuple[str, Path]]) -> None:
             entry.compress_type = zipfile.ZIP_DEFLATED
             with open(source, "rb") as reader, archive.open(entry, "w", force_zip64=True) as writer:
                 shutil.copyfileobj(reader, writer, 1 << 20)
+
+
+#: A list of report.json to stream: a string no record can hold (JSON escapes NUL).
+_PLACEHOLDER = "\0{}\0"
+_PLACED = re.compile(r'"\\u0000([^"\\]*)\\u0000"')
+
+
+def _write_list(out, items, indent: int) -> None:
+    """A JSON list as ``json.dumps(..., indent=2)`` writes it at ``indent``, item by item."""
+    inner = " " * (indent + 2)
+    first = True
+    for item in items:
+        text = json.dumps(item, indent=2, ensure_ascii=False, allow_nan=False).replace("\n", "\n" + inner)
+        out.write(("[\n" if first else ",\n") + inner + text)
+        first = False
+    out.write("[]" if first else "\n" + " " * indent + "]")
+
+
+def _spill(record: TechniqueRecord) -> Spilled:
+    """What the summary needs of a chunk's per-image results; ``record`` keeps only its
+    technique-wide artifacts and measurements."""
+    spilled = Spilled(artifacts=sum(a.image_id is not None for a in record.artifacts))
+    measured = set()
+    for m in record.evidence:
+        if m.image_id is None:
+            continue
+        measured.add(m.image_id)
+        for key, value in m.values.items():
+            spilled.values.setdefault(m.metric, {}).setdefault(key, []).append(value)
+        if m.curves:
+            spilled.curves.setdefault(m.metric, m.curves)
+    spilled.measured = len(measured)
+    record.artifacts = [a for a in record.artifacts if a.image_id is None]
+    record.evidence = [m for m in record.evidence if m.image_id is None]
+    return spilled
 
 
 def _json_bytes(data) -> bytes:

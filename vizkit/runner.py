@@ -332,7 +332,7 @@ def run(
     tracker.message(f"writing {display_path(outdir)}")
     max_bytes = None if options.max_report_mb is None else int(options.max_report_mb * render.MB)
     try:
-        index = _write(report, folder, _apply_report_hooks(planned.pm, report), max_bytes, writer.root)
+        index = _write(report, folder, _apply_report_hooks(planned.pm, report), max_bytes, writer)
     except render.ReportTooLarge as error:
         folder.release()  # nothing written; a folder this run created goes again
         raise UsageError(f"{error} (the work done is kept: add --resume to write it without redoing it)") from None
@@ -544,15 +544,25 @@ def _explain(job: Job, chunks: list, pending: list[int], writer: ReportWriter, t
             explaining.finish("partial", f"{failed} image(s) could not be read or predicted")
 
 
-def _write(report: Report, folder: report_folder.ReportFolder, theme: render.Theme, max_bytes: int | None = None,
-           staged: Path | None = None) -> Path:
+def _write(report: Report, folder: report_folder.ReportFolder, theme: render.Theme, max_bytes: int | None,
+           writer: ReportWriter) -> Path:
     """Render and write the report, whole; the plugins' templates and CSS are dropped if
     they break it. ReportNotWritten (a full disk) and Ctrl-C pass through, the folder as
     it was; an error of vizkit's own carries ``vizkit_outdir``, for the CLI to name.
+    A folder-layout run's report.json and pages come from the chunk files (the writer).
     """
+    def attempt(theme: render.Theme) -> Path:
+        if not writer.in_memory:
+            try:
+                writer.write_report_json(report)
+            except OSError as error:
+                kept = report_folder.classify(folder.real)[0] == "report"
+                raise report_folder.ReportNotWritten.of(error, folder.path, kept) from error
+        return render.write(report, folder, theme, max_bytes, writer.root, DROPPED, None if writer.in_memory else writer.page)
+
     try:
         try:
-            return render.write(report, folder, theme, max_bytes, staged, DROPPED)
+            return attempt(theme)
         except (KeyboardInterrupt, report_folder.ReportNotWritten, render.ReportTooLarge):
             raise
         except BaseException as error:  # a plugin's template or CSS: write the page without them
@@ -560,7 +570,7 @@ def _write(report: Report, folder: report_folder.ReportFolder, theme: render.The
                 raise
             report.plugin_errors.append(f"the report could not be rendered with the plugins' templates: {traceback_text(error, 1)}")
             print(f"vizkit: {report.plugin_errors[-1]}", file=sys.stderr)
-            return render.write(report, folder, max_bytes=max_bytes, staged=staged, drop=DROPPED)
+            return attempt(render.Theme())
     except (report_folder.ReportNotWritten, render.ReportTooLarge):
         raise
     except Exception as error:
