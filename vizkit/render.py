@@ -14,15 +14,17 @@ import base64
 import io
 import json
 import re
+import shutil
 import zipfile
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
+from typing import Iterator
 
 import jinja2
 import numpy as np
 
-from vizkit import report_folder
+from vizkit import files as file_io, report_folder
 from vizkit.pictures import FOLDER, Picture, png_bytes
 from vizkit.report import Report
 from vizkit.report_pages import by_image, layout_of, subset
@@ -149,8 +151,14 @@ def render_html(report: Report, theme: Theme | None = None, root: Path | None = 
 
 
 def render_pages(report: Report, theme: Theme | None = None, page_report=None) -> dict[str, str]:
-    """The folder layout's pages, name → HTML: ``index.html`` (the summary) and the
-    pages of images and of classes under ``pages/``, linking to the pictures' files.
+    """The folder layout's pages, name → HTML (:func:`iter_pages`, all at once)."""
+    return dict(iter_pages(report, theme, page_report))
+
+
+def iter_pages(report: Report, theme: Theme | None = None, page_report=None) -> Iterator[tuple[str, str]]:
+    """The folder layout's pages, (name, HTML) one after the other: ``index.html`` (the
+    summary) and the pages of images and of classes under ``pages/``, linking to the
+    pictures' files.
     One environment per kind of page (compiling the templates per page costs ~0.1 s),
     its full-size views counted afresh for each page. ``page_report(report, images)``:
     the report of a page's images (default :func:`report_pages.subset`; a streamed run's
@@ -169,7 +177,7 @@ def render_pages(report: Report, theme: Theme | None = None, page_report=None) -
         return render
 
     summary, images, classes = template("", "summary.html"), template("../", "page.html"), template("../", "class.html")
-    pages = {"index.html": summary(report=report)}
+    yield "index.html", summary(report=report)
     if page_report is None:
         index = by_image(report)
 
@@ -177,14 +185,13 @@ def render_pages(report: Report, theme: Theme | None = None, page_report=None) -
             return subset(report, images, index)
 
     for number, page in enumerate(layout.pages):
-        pages[page.name] = images(
+        yield page.name, images(
             report=page_report(report, page.images), page=page,
             previous=layout.pages[number - 1] if number else None,
             next=layout.pages[number + 1] if number + 1 < len(layout.pages) else None,
         )
     for klass in layout.classes:
-        pages[klass.name] = classes(report=report, klass=klass)
-    return pages
+        yield klass.name, classes(report=report, klass=klass)
 
 
 def _npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
@@ -235,13 +242,22 @@ def check_size(files: dict[str, bytes], max_bytes: int | None, written: dict[str
 def render_files(report: Report, theme: Theme | None = None, root: Path | None = None, page_report=None) -> dict[str, bytes]:
     """The report's files, rendered in memory: name → bytes. ``root``: the folder where
     the run wrote its pictures (and ``arrays.npz``, and ``report.json`` where it is there
-    already); without it, the pictures are arrays and ``arrays.npz`` is made here, when
-    the report saves arrays. ``page_report``: as :func:`render_pages`'."""
+    already), into which a folder report's pages under ``pages/`` are written as they are
+    rendered, one in memory at a time; without it, the pictures are arrays and
+    ``arrays.npz`` is made here, when the report saves arrays. ``page_report``: as
+    :func:`render_pages`'."""
     files = {}
     if root is None or not (root / "report.json").is_file():
         files["report.json"] = (json.dumps(report.to_json(), indent=2, ensure_ascii=False, allow_nan=False) + "\n").encode()
     if report.layout == "folder":
-        files.update((name, html.encode("utf-8")) for name, html in render_pages(report, theme, page_report).items())
+        if root is not None:  # the pages of images go to the disk as they are made; the summary is published last
+            shutil.rmtree(root / "pages", ignore_errors=True)  # of an attempt that failed
+        for name, html in iter_pages(report, theme, page_report):
+            if root is None or name == "index.html":
+                files[name] = html.encode("utf-8")
+            else:
+                (root / name).parent.mkdir(exist_ok=True)
+                file_io.write_new(root / name, html.encode("utf-8"))
     else:
         files["index.html"] = render_html(report, theme, root).encode("utf-8")
     if report.arrays_saved and root is None:
@@ -254,7 +270,8 @@ def write(report: Report, outdir: Path | report_folder.ReportFolder, theme: Them
           page_report=None) -> Path:
     """Write the report into ``outdir``, as a whole; returns the path of index.html.
 
-    Everything is rendered in memory first, then published: the folder ends up holding
+    Everything is rendered first (in memory, or, for a run's pages of images, into
+    ``staged``), then published: the folder ends up holding
     exactly this report (an earlier report's ``arrays.npz`` goes too), or, on any
     failure (a full disk: ``report_folder.ReportNotWritten``; Ctrl-C), stays as it was.
     ``outdir`` is a folder a run claimed before its work (``report_folder.claim``), or a
