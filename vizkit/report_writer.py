@@ -4,9 +4,11 @@ Each :class:`vizkit.chunk.ChunkResult` is written at once into the run's partial
 folder (``report_folder.ReportFolder.partial``): its pictures as PNG files under
 ``pictures/``, its arrays (with ``--save-arrays``) as ``.npy`` files, and its records as
 ``.vizkit-run/chunks/NNNNN.json``, written last and atomically, so a chunk counts as done
-only once all of it is on disk. What stays in memory is the records without pixels
-(a :class:`vizkit.pictures.Picture` names each picture's file) and, for a one-page
-report, the arrays and PNG bytes: the page inlines them, the Python API returns them.
+only once all of it is on disk. What stays in memory: for a one-page report, every
+record, with its arrays and PNG bytes (the page inlines them, the Python API returns
+them); for a folder report, the images' records and what the summary needs of the
+per-image results (:class:`vizkit.report.Spilled`): :meth:`ReportWriter.page` and
+:meth:`ReportWriter.write_report_json` read the rest back from the chunk files.
 
 ``--resume``: ``.vizkit-run/run.json`` holds the run's fingerprint (the model, the
 inputs, the techniques, metrics and options, the chunk size); a run that finds the same
@@ -53,7 +55,6 @@ class ReportWriter:
         self.save_arrays = save_arrays
         self.in_memory = in_memory  # a one-page report's records keep arrays and PNG bytes
         self.chunks: dict[int, ChunkResult] = {}
-        self.resumed: set[int] = set()
         self.chunk_of: dict[str, int] = {}  # image id → its chunk
         self._loaded: dict[int, ChunkResult] = {}  # the chunk files last read back whole
 
@@ -82,7 +83,6 @@ class ReportWriter:
                 for name in ("index.html", "report.json", "pages"):  # of a publish that failed: made again
                     path = self.root / name
                     shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
-                self.resumed = set(self.chunks)
                 return set(self.chunks), "resumed"
             if not resume and any((self.internal / "chunks").glob("[0-9]*.json")):
                 state = "discarded"
