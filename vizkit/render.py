@@ -15,7 +15,6 @@ import io
 import json
 import re
 import shutil
-import zipfile
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -25,6 +24,7 @@ import jinja2
 import numpy as np
 
 from vizkit import files as file_io, report_folder
+from vizkit.npz import npy_bytes, write_npz
 from vizkit.pictures import FOLDER, Picture, png_bytes
 from vizkit.report import Report
 from vizkit.report_pages import by_image, layout_of, subset
@@ -195,15 +195,8 @@ def iter_pages(report: Report, theme: Theme | None = None, page_report=None) -> 
 
 
 def _npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
-    """Like ``np.savez_compressed``, with a fixed timestamp on each entry for byte-stable files."""
     stream = io.BytesIO()
-    with zipfile.ZipFile(stream, "w", compression=zipfile.ZIP_DEFLATED) as archive:
-        for key, array in arrays.items():
-            entry = zipfile.ZipInfo(f"{key}.npy", date_time=(1980, 1, 1, 0, 0, 0))
-            entry.compress_type = zipfile.ZIP_DEFLATED
-            buffer = io.BytesIO()
-            np.lib.format.write_array(buffer, np.asarray(array), allow_pickle=False)
-            archive.writestr(entry, buffer.getvalue())
+    write_npz(stream, ((key, npy_bytes(array)) for key, array in arrays.items()))
     return stream.getvalue()
 
 

@@ -22,14 +22,12 @@ import json
 import os
 import re
 import shutil
-import zipfile
 from pathlib import Path
-
-import numpy as np
 
 from vizkit import files as file_io
 from vizkit.chunk import ChunkResult
 from vizkit.metric import Column, Curve
+from vizkit.npz import npy_bytes, write_npz
 from vizkit.pictures import Picture
 from vizkit.report import ArtifactRecord, ImageRecord, MeasurementRecord, MetricRecord, Spilled, TechniqueRecord
 
@@ -119,7 +117,7 @@ class ReportWriter:
             for number, artifact in enumerate(technique.artifacts):
                 if self.save_arrays and artifact.array is not None:
                     name = f"{result.index:05d}-{position}-{number}.npy"
-                    buffer = _npy_bytes(artifact.array)
+                    buffer = npy_bytes(artifact.array)
                     (self.internal / "arrays" / name).write_bytes(buffer)
                     arrays[artifact.key] = name
                     files[f"{INTERNAL}/arrays/{name}"] = len(buffer)
@@ -240,16 +238,16 @@ class ReportWriter:
         return merged
 
     def assemble_arrays(self, techniques: list[TechniqueRecord]) -> None:
-        """``arrays.npz`` from the chunks' ``.npy`` files, in the report's order."""
-        files = {}
-        for index in self.chunks:
-            files.update(_array_files(self.internal / "chunks" / f"{index:05d}.json"))
-        keys = [
-            a.key for t in techniques for index in sorted(self.chunks)
-            for record in self._chunk(index).techniques if record.name == t.name
-            for a in record.artifacts if a.key in files
-        ]
-        _write_npz(self.root / "arrays.npz", [(key, self.internal / "arrays" / files[key]) for key in keys])
+        """``arrays.npz`` from the chunks' ``.npy`` files, in the report's order: by
+        technique, then chunk (each chunk's record read once)."""
+        files: dict[str, list[tuple[str, Path]]] = {}
+        for index in sorted(self.chunks):
+            data = json.loads((self.internal / "chunks" / f"{index:05d}.json").read_text(encoding="utf-8"))
+            for technique in data["techniques"]:
+                files.setdefault(technique["name"], []).extend(
+                    (a["key"], self.internal / "arrays" / a["array_file"]) for a in technique["artifacts"] if a.get("array_file")
+                )
+        write_npz(self.root / "arrays.npz", [entry for t in techniques for entry in files.get(t.name, [])])
 
 def _pictures(result: ChunkResult):
     """(picture, the record holding it) for every picture of the chunk not yet written."""
@@ -300,25 +298,6 @@ def _unique(items) -> list:
 def _total(values) -> float | None:
     values = [v for v in values if v is not None]
     return round(sum(values), 3) if values else None
-
-
-def _npy_bytes(array: np.ndarray) -> bytes:
-    import io
-
-    buffer = io.BytesIO()
-    np.lib.format.write_array(buffer, np.asarray(array), allow_pickle=False)
-    return buffer.getvalue()
-
-
-def _write_npz(path: Path, entries: list[tuple[str, Path]]) -> None:
-    """``arrays.npz`` from ``.npy`` files, one at a time (memory stays flat); fixed
-    timestamps, so equal arrays give equal bytes."""
-    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as archive:
-        for key, source in entries:
-            entry = zipfile.ZipInfo(f"{key}.npy", date_time=(1980, 1, 1, 0, 0, 0))
-            entry.compress_type = zipfile.ZIP_DEFLATED
-            with open(source, "rb") as reader, archive.open(entry, "w", force_zip64=True) as writer:
-                shutil.copyfileobj(reader, writer, 1 << 20)
 
 
 #: A list of report.json to stream: a string no record can hold (JSON escapes NUL).
@@ -384,11 +363,6 @@ def _chunk_json(result: ChunkResult, arrays: dict[str, str]) -> dict:
     metrics = [m.to_json() for m in result.metrics]
     images = [{**image.to_json(), "picture": _picture_json(image.picture)} for image in result.images]
     return {"format": FORMAT, "index": result.index, "images": images, "techniques": techniques, "metrics": metrics}
-
-
-def _array_files(path: Path) -> dict[str, str]:
-    data = json.loads(path.read_text(encoding="utf-8"))
-    return {a["key"]: a["array_file"] for t in data["techniques"] for a in t["artifacts"] if a.get("array_file")}
 
 
 def _chunk_from_json(data: dict) -> ChunkResult:
