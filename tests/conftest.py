@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import vizkit
 from vizkit.testing import tiny_classifier
 
 
@@ -117,3 +118,30 @@ def write_sample_folder(folder):
 @pytest.fixture
 def image_dir(tmp_path):
     return write_sample_folder(tmp_path / "images")
+
+
+class PickyTechnique:
+    """A plugin whose ``picky`` technique fails on any batch holding image ``image_id``
+    (and, with ``boom``, a ``boom`` technique that fails before any image)."""
+
+    def __init__(self, image_id: str, boom: bool = False):
+        self.image_id, self.boom = image_id, boom
+
+    def picky(self, context, batch):
+        from vizkit import Artifact
+
+        if any(image.id == self.image_id for image in batch.images):
+            raise ValueError(f"{self.image_id} is not welcome")
+        return [Artifact(image.id, image.array[..., 0], image.display, image_id=image.id) for image in batch.images]
+
+    @staticmethod
+    def explode(context):
+        raise RuntimeError("the plugin broke")
+
+    @vizkit.hookimpl
+    def register_techniques(self, register):
+        from vizkit import Technique
+
+        if self.boom:
+            register(Technique("boom", run=self.explode, description="always fails"))
+        register(Technique("picky", run_batch=self.picky, description=f"fails on {self.image_id}"))

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import PickyTechnique
 
 import vizkit
 from vizkit import Artifact, ExitCode, Option, OptionError, RunOptions, Technique, run
@@ -116,22 +117,10 @@ def test_a_value_the_model_cannot_take_is_a_usage_error_before_any_work(
 # --------------------------------------------------------------------------- per-image results
 
 
-class FailsOnOneImage:
-    """run_batch that fails whenever the image ``coffee`` is in the batch."""
-
-    @staticmethod
-    def run_batch(context, batch):
-        if any(image.id == "coffee" for image in batch.images):
-            raise ValueError("coffee is too strong")
-        return [Artifact(image.id, image.array[..., 0], image.display, image_id=image.id) for image in batch.images]
-
-    @vizkit.hookimpl
-    def register_techniques(self, register):
-        register(Technique("picky", run_batch=FailsOnOneImage.run_batch, description="fails on coffee"))
 
 
 def test_an_image_that_fails_costs_only_its_own_artifacts(vizkit_plugin, vizkit_cli, vizkit_model_file, vizkit_images, tmp_path):
-    vizkit_plugin(FailsOnOneImage(), name="picky")
+    vizkit_plugin(PickyTechnique("coffee"), name="picky")
     out = tmp_path / "out"
     result = vizkit_cli("run", vizkit_model_file, vizkit_images, "-t", "picky", "-o", out, env={"VIZKIT_LOAD_PLUGINS": ""})
     assert result.exit_code == ExitCode.FAILURES, result.output
@@ -139,9 +128,9 @@ def test_an_image_that_fails_costs_only_its_own_artifacts(vizkit_plugin, vizkit_
     assert record["status"] == "partial"
     assert [a["image_id"] for a in record["artifacts"]] == ["chelsea", "rocket"]
     [failure] = record["image_errors"]
-    assert failure["image_id"] == "coffee" and failure["error"] == "ValueError: coffee is too strong"
+    assert failure["image_id"] == "coffee" and failure["error"] == "ValueError: coffee is not welcome"
     html = (out / "index.html").read_text()
-    assert "This technique failed on some images" in html and "coffee is too strong" in html
+    assert "This technique failed on some images" in html and "coffee is not welcome" in html
 
 
 def test_a_bad_picture_names_the_line_that_made_it():

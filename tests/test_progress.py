@@ -14,9 +14,9 @@ import pytest
 from click.testing import CliRunner
 
 import vizkit
-from conftest import build_tiny, write_image
+from conftest import PickyTechnique, build_tiny, write_image
 import vizkit.progress as progress_module
-from vizkit import Artifact, ExitCode, RunOptions, Technique
+from vizkit import ExitCode, RunOptions, Technique
 from vizkit.cli import main
 from vizkit.progress import Bar, Lines, Progress, Step, for_stderr, shorten
 
@@ -65,26 +65,7 @@ def terminal(monkeypatch):
     return stream
 
 
-class FailingTechniques:
-    """``boom`` raises before any image is done; ``picky`` fails on image ``b`` only."""
-
-    @staticmethod
-    def boom(context):
-        raise RuntimeError("the plugin broke")
-
-    @staticmethod
-    def picky(context, batch):
-        if any(image.id == "b" for image in batch.images):
-            raise ValueError("b is not welcome")
-        return [Artifact(image.id, image.array[..., 0], image.display, image_id=image.id) for image in batch.images]
-
-    @vizkit.hookimpl
-    def register_techniques(self, register):
-        register(Technique("boom", run=FailingTechniques.boom, description="always fails"))
-        register(Technique("picky", run_batch=FailingTechniques.picky, description="fails on b"))
-
-
-PLUGINS = {"plugins": [("failing", FailingTechniques())]}
+PLUGINS = {"plugins": [("failing", PickyTechnique("b", boom=True))]}
 
 
 # --------------------------------------------------------------------------- piped
