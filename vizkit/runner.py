@@ -280,7 +280,8 @@ def run(
     numbered = list(zip(image_io.unique_ids(files), files))
     chunks = [numbered[start:start + options.chunk] for start in range(0, len(numbered), options.chunk)]
     try:
-        done, state = writer.open(fingerprint(loaded, graph, labels, options, planned, files), options.resume)
+        stamp = fingerprint(loaded, graph, labels, options, planned, files)
+        done, state = writer.open(stamp, options.resume)
     except OSError as error:
         raise _not_written(error, folder) from error
     except ResumeMismatch as error:
@@ -302,7 +303,7 @@ def run(
         return sum(len(chunks[i]) for i in writer.chunks)
 
     try:
-        _explain(job, chunks, pending, writer, tracker, options, model)
+        _explain(job, chunks, pending, writer, tracker, options, model, stamp["model weights"])
         techniques = writer.techniques()
         if options.save_arrays:
             try:
@@ -519,10 +520,11 @@ def _add(writer: ReportWriter, result) -> None:
 
 
 def _explain(job: Job, chunks: list, pending: list[int], writer: ReportWriter, tracker: Progress,
-             options: RunOptions, model) -> None:
+             options: RunOptions, model, weights: str) -> None:
     """Explain the ``pending`` chunks and hand each result to ``writer`` as it comes.
     One chunk: its steps are the run's (reading, each technique, each metric); several:
-    one step of images, advanced per chunk."""
+    one step of images, advanced per chunk. ``weights``: the model's weights' SHA-256
+    (the fingerprint's), which Ray workers check theirs against."""
     if len(chunks) == 1 and pending and options.executor == "in-process":
         _add(writer, explain_chunk(job, 0, chunks[0], tracker))
         return
@@ -532,7 +534,7 @@ def _explain(job: Job, chunks: list, pending: list[int], writer: ReportWriter, t
         if options.executor == "ray":
             from vizkit import executors
 
-            results = executors.ray_results(model, options, chunks, pending, weights_sha256(job.graph.model))
+            results = executors.ray_results(model, options, chunks, pending, weights)
         else:
             results = (explain_chunk(job, i, chunks[i], _ChunkSteps(tracker, i, len(chunks))) for i in pending)
         with contextlib.closing(results):  # a Ray instance the run started stops at once, on Ctrl-C too
